@@ -1,0 +1,155 @@
+"""The ``vlmkit`` command line: subcommands only; each delegates to a module of the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _cmd_data_shapes(args: argparse.Namespace) -> int:
+    from vlmkit.data.worlds.shapes import generate_world
+
+    manifest = generate_world(args.out, n_train=args.train, n_test=args.test, seed=args.seed, size=args.size)
+    print(f"wrote the shapes world to {args.out}: {manifest['counts']}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from vlmkit.data.check import check_dataset
+
+    report = check_dataset(args.path, max_pixels=args.max_pixels)
+    for row_id, where, reason in report.bad:
+        print(f"BAD {row_id} ({where}): {reason}")
+    print(report.summary())
+    return 1 if report.bad else 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vlmkit.config import load_recipe
+    from vlmkit.train.run import train
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    final = train(
+        recipe,
+        data_dir=args.data,
+        out_dir=args.out,
+        max_steps=args.max_steps,
+        save_every=args.save_every,
+        resume=args.resume,
+    )
+    print(f"final checkpoint: {final}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vlmkit.eval.runner import evaluate
+
+    results = evaluate(
+        args.checkpoint,
+        data_dir=args.data,
+        out_dir=args.out,
+        blind=args.blind,
+        limit=args.limit,
+        batch_size=args.batch_size,
+    )
+    from vlmkit.eval.report import summary_table
+
+    print(summary_table(results))
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from vlmkit.infer.chat import chat_main
+
+    return chat_main(
+        args.checkpoint,
+        images=args.image or [],
+        prompt=args.prompt,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vlmkit.demo import run_demo
+
+    run_demo(out_dir=args.out, minutes=args.minutes, overrides=args.set or [], data_dir=args.data)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmkit", description="Build, train, evaluate and chat with VLMs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="generate and check datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    shapes = data_sub.add_parser("shapes", help="generate the synthetic shapes world (LLaVA JSON + PNG)")
+    shapes.add_argument("--out", required=True)
+    shapes.add_argument("--train", type=int, default=4000, help="number of training scenes")
+    shapes.add_argument("--test", type=int, default=500, help="number of held-out scenes")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--size", type=int, default=64, help="image side in pixels")
+    shapes.set_defaults(func=_cmd_data_shapes)
+    check = data_sub.add_parser("check", help="read every row and decode every image; exit 1 if any is bad")
+    check.add_argument("path", help="a LLaVA JSON file, or a directory of them")
+    check.add_argument("--max-pixels", type=int, default=None)
+    check.set_defaults(func=_cmd_data_check)
+
+    train = sub.add_parser("train", help="train a recipe, stage by stage")
+    train.add_argument("recipe", help="a YAML recipe (path, or the name of a built-in one)")
+    train.add_argument("--data", default=None, help="dataset root (default: generate the shapes world)")
+    train.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
+    train.add_argument("--max-steps", type=int, default=None, help="cap every stage at N optimizer steps")
+    train.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--data", required=True, help="dataset root holding test.json")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--blind", action="store_true", help="also ask every question without its image")
+    ev.add_argument("--limit", type=int, default=None, help="at most N items per task")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.set_defaults(func=_cmd_eval)
+
+    chat = sub.add_parser("chat", help="talk to a checkpoint; interactive when no prompt is given")
+    chat.add_argument("checkpoint")
+    chat.add_argument("prompt", nargs="?", default=None)
+    chat.add_argument("--image", action="append", help="an image to show (repeatable)")
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.set_defaults(func=_cmd_chat)
+
+    demo = sub.add_parser("demo", help="generate the world, train shapes-tiny, evaluate with and without images")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--minutes", type=float, default=None, help="training budget (default: the recipe's)")
+    demo.add_argument("--data", default=None, help="where to cache the world (default: <out>/world)")
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from vlmkit.config import ConfigError
+    from vlmkit.data.bad_samples import TooManyBadSamples
+
+    try:
+        return args.func(args)
+    except (ConfigError, TooManyBadSamples) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The recipe schema (pydantic), YAML loading and ``--set key=value`` overrides.
+
+Each config class maps one-to-one onto the component it builds:
+``VisionConfig`` -> models.vision, ``ConnectorConfig`` -> models.connectors,
+``LLMConfig`` -> the causal LM, ``StageConfig`` -> one run of train.trainer.
+Unknown keys are errors (``extra="forbid"``), reported with their key path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe that can't be used; the message names the key path and what was expected."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ------------------------------------------------------------------ model
+
+
+class VisionConfig(StrictModel):
+    """The image encoder: a preset built from a config (random weights), or any HF vision model.
+
+    ``name`` is a preset (``tiny-cnn``, ``tiny-vit``) or a hub name / local path.
+    """
+
+    name: str = "tiny-cnn"
+    image_size: int = Field(64, gt=0)
+    feature_layer: int | None = None  # None: the family's default (-2 for ViTs, -1 for CNNs)
+    preprocess: Literal["resize", "letterbox", "resize-crop"] = "resize"
+    overrides: dict[str, Any] = Field(default_factory=dict)  # HF config fields for presets
+
+
+class ConnectorConfig(StrictModel):
+    """Maps vision features to the LLM width. ``type`` is a key of models.connectors.CONNECTORS."""
+
+    type: str = "mlp2x_gelu"
+    pixel_shuffle: int = Field(1, ge=1)  # factor s: s*s fewer tokens, each s*s times wider
+    output_norm: bool = False  # RMS-normalise connector outputs to the LLM's embedding scale
+
+
+class LLMConfig(StrictModel):
+    """The causal LM: a preset (``tiny-llama``) or any ``AutoModelForCausalLM`` hub name / path."""
+
+    name: str = "tiny-llama"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(StrictModel):
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    # "tiny": a byte-level BPE trained on the data's text; otherwise the LLM's own tokenizer
+    tokenizer: str = "tiny"
+    tokenizer_vocab_size: int = Field(1024, gt=64)
+    init_from: str | None = None  # a vlmkit checkpoint directory to start from
+
+
+# ------------------------------------------------------------------ data
+
+
+class DataSource(StrictModel):
+    """A dataset file, optionally filtered to some tasks. Paths are relative to ``--data``."""
+
+    path: str
+    format: Literal["llava"] = "llava"
+    tasks: list[str] | None = None  # keep only samples whose meta.task is listed
+
+
+# ------------------------------------------------------------------ training
+
+
+class StageConfig(StrictModel):
+    """One training stage: what trains, on which data, for how long, at which rates."""
+
+    name: str
+    objective: Literal["next_token"] = "next_token"
+    data: dict[str, float]  # source name -> mixture weight
+    trainable: list[str]  # part names ("vision", "connector", "llm") or parameter-name globs
+    lr: dict[str, float] | float  # per trainable entry, or one rate for all
+    weight_decay: float = Field(0.0, ge=0)  # never applied to norms and biases
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    max_seq_len: int = Field(256, gt=0)
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _length(self) -> "StageConfig":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of steps or epochs")
+        if isinstance(self.lr, dict):
+            missing = [t for t in self.trainable if t not in self.lr]
+            if missing:
+                raise ValueError(f"lr has no rate for trainable entries {missing}")
+        return self
+
+
+class TrainConfig(StrictModel):
+    save_every: int | None = Field(None, gt=0)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    num_workers: int = Field(0, ge=0)
+
+
+class EvalConfig(StrictModel):
+    batch_size: int = Field(32, gt=0)
+    max_new_tokens: int = Field(24, gt=0)
+    limit: int | None = Field(None, gt=0)
+    tasks: list[str] = Field(default_factory=lambda: ["shapes_vqa", "shapes_pope", "shapes_grounding"])
+
+
+class WorldConfig(StrictModel):
+    """Options for generating the shapes world when a recipe is run without ``--data``."""
+
+    train: int = Field(4000, gt=0)
+    test: int = Field(500, gt=0)
+    seed: int = 0
+    size: int = Field(64, gt=0)
+
+
+class Recipe(StrictModel):
+    name: str
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: dict[str, DataSource]
+    stages: list[StageConfig]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    world: WorldConfig = Field(default_factory=WorldConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _nonempty(cls, v: list[StageConfig]) -> list[StageConfig]:
+        if not v:
+            raise ValueError("a recipe needs at least one stage")
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return v
+
+    @model_validator(mode="after")
+    def _sources_exist(self) -> "Recipe":
+        for i, stage in enumerate(self.stages):
+            for src in stage.data:
+                if src not in self.data:
+                    raise ValueError(
+                        f"stages.{i}.data names source {src!r}, which is not under data "
+                        f"(known: {sorted(self.data)})"
+                    )
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+# ------------------------------------------------------------------ loading and overrides
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see docs/recipes.md)"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_path(tree: Any, path: str, value: Any) -> None:
+    """Set ``tree[a][b]...`` for the dotted ``path``. List items go by index or by ``name``."""
+    keys = path.split(".")
+    node = tree
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        here = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            idx = _list_index(node, key, here)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                if key not in node or node[key] is None:
+                    node[key] = {}
+                node = node[key]
+        else:
+            raise ConfigError(f"--set {path}: {'.'.join(keys[:depth])} is a value, not a section")
+
+
+def _list_index(items: list, key: str, here: str) -> int:
+    if key.lstrip("-").isdigit():
+        idx = int(key)
+        if not -len(items) <= idx < len(items):
+            raise ConfigError(f"--set {here}: index out of range (the list has {len(items)} items)")
+        return idx
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == key:
+            return i
+    names = [it.get("name") for it in items if isinstance(it, dict)]
+    raise ConfigError(f"--set {here}: no item named {key!r} (expected an index or one of {names})")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"stages.align.lr=1e-3"`` -> ``("stages.align.lr", 0.001)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key, value
+
+
+def recipe_from_dict(tree: dict, overrides: list[str] = (), source: str = "<dict>") -> Recipe:
+    import copy
+
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load a YAML recipe file and apply ``--set`` overrides, validating the result."""
+    path = Path(path)
+    if not path.exists():
+        builtin = Path(__file__).parent / "recipes" / f"{path.stem if path.suffix else path.name}.yaml"
+        if builtin.exists():
+            path = builtin
+        else:
+            raise ConfigError(f"recipe {path} not found")
+    with open(path, encoding="utf-8") as f:
+        tree = yaml.safe_load(f)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"invalid recipe {path}: expected a mapping at the top level")
+    return recipe_from_dict(tree, overrides, source=str(path))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
