@@ -1,0 +1,131 @@
+"""Training data: the recipe's sources read into memory, and the sample -> tensors encoder.
+
+``load_sources`` reads each ``DataSource`` (LLaVA JSON) once and keeps the samples of the
+listed tasks. ``SampleEncoder.encode`` turns one sample into token ids/labels (``ChatTemplate``)
+and pixel tensors (``load_image`` -> ``ImageProcessor``), with a bounded in-memory LRU of
+processed images. The cache never changes results: processing is deterministic and the cached
+tensor is exactly what a fresh decode gives.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlmkit.config import ConfigError, DataSource
+from vlmkit.data.bad_samples import BadSampleError, BadSampleLog
+from vlmkit.data.sample import ImageRef, Sample
+
+
+@dataclass
+class SourceData:
+    """One source's samples; image paths in them are relative to ``root``."""
+
+    name: str
+    path: Path
+    root: Path
+    samples: list[Sample]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def load_sources(
+    data: dict[str, DataSource],
+    data_dir: str | Path,
+    bad_log: BadSampleLog | None = None,
+    names: list[str] | None = None,
+) -> dict[str, SourceData]:
+    """Read the sources (all, or those in ``names``), filtered by their ``tasks``."""
+    from vlmkit.data.formats.llava import read_llava
+
+    out = {}
+    for name in names if names is not None else list(data):
+        src = data[name]
+        path = Path(data_dir) / src.path
+        if not path.exists():
+            raise ConfigError(f"data.{name}.path: {path} does not exist")
+        samples = read_llava(path, root=path.parent, bad_log=bad_log)
+        if src.tasks is not None:
+            samples = [s for s in samples if s.meta.get("task") in src.tasks]
+        if not samples:
+            raise ConfigError(f"data.{name}: no samples in {path} (tasks filter: {src.tasks})")
+        for s in samples:
+            s.meta.setdefault("source", name)
+        out[name] = SourceData(name, path, path.parent, samples)
+    return out
+
+
+class SampleEncoder:
+    """``encode(sample, root) -> (Encoded, [pixel tensor per image, in token order])``.
+
+    Raises ``BadSampleError`` for anything wrong with the sample (a ``LabelMaskingError`` from
+    the template is reported as reason ``label_masking``). ``load`` defaults to
+    ``data.images.load_image``; it is a parameter so tests can run without image files.
+    """
+
+    def __init__(
+        self,
+        template,
+        processor: Callable,
+        tokens_per_image: int,
+        max_len: int,
+        max_pixels: int | None = None,
+        cache_size: int = 4096,
+        load: Callable | None = None,
+    ):
+        self.template = template
+        self.processor = processor
+        self.tokens_per_image = tokens_per_image
+        self.max_len = max_len
+        self.max_pixels = max_pixels
+        self.cache_size = cache_size
+        self._load = load
+        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+
+    def with_max_len(self, max_len: int) -> "SampleEncoder":
+        """The same encoder (sharing the image cache) with another sequence limit."""
+        other = SampleEncoder.__new__(SampleEncoder)
+        other.__dict__.update(self.__dict__)
+        other.max_len = max_len
+        return other
+
+    def encode(self, sample: Sample, root: str | Path):
+        encoded = self._encode_text(sample)
+        pixels = [self.image(sample.images[i], root) for i in sample.image_order()]
+        return encoded, pixels
+
+    __call__ = encode
+
+    def _encode_text(self, sample: Sample):
+        from vlmkit.data.template import LabelMaskingError
+
+        try:
+            return self.template.encode_for_training(sample, self.tokens_per_image, self.max_len)
+        except LabelMaskingError as err:
+            raise BadSampleError("label_masking", str(err)) from err
+
+    def image(self, ref: ImageRef, root: str | Path) -> torch.Tensor:
+        key = (str(root), ref.path) if ref.path is not None else None
+        if key is not None and key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        pixels = self.processor(self._load_image(ref, root))
+        if key is not None and self.cache_size > 0:
+            self._cache[key] = pixels
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return pixels
+
+    def _load_image(self, ref: ImageRef, root: str | Path):
+        if self._load is None:
+            from vlmkit.data.images import load_image
+
+            self._load = load_image
+        if self.max_pixels is None:
+            return self._load(ref, root)
+        return self._load(ref, root, max_pixels=self.max_pixels)

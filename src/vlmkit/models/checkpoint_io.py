@@ -1,0 +1,114 @@
+"""Save and load a whole VisionLanguageModel: config.json, model.safetensors, tokenizer files,
+recipe.yaml. Loading rebuilds every part from the saved HF config dicts (nothing is downloaded)
+and reads weights with safetensors only -- never a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import safetensors.torch
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
+
+from vlmkit.config import ModelConfig, Recipe, recipe_to_yaml
+from vlmkit.models.connectors import build_connector
+from vlmkit.models.vision import vision_from_hf_config
+from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.utils.io import atomic_directory, atomic_write_json, atomic_write_text
+
+FORMAT = "vlmkit-vlm"
+VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+RECIPE_FILE = "recipe.yaml"
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a loadable vlmkit checkpoint."""
+
+
+def save_checkpoint(model: VisionLanguageModel, tokenizer, out_dir, recipe: Recipe | None = None) -> Path:
+    """Write the checkpoint to ``out_dir`` atomically (a crash leaves the old one or none)."""
+    out_dir = Path(out_dir)
+    vision = model.vision
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model.config.model_dump(mode="json"),
+        "vision_hf_config": vision.hf_config.to_dict(),
+        "llm_hf_config": model.llm.config.to_dict(),
+        "image_token_id": model.image_token_id,
+        "tokens_per_image": model.tokens_per_image,
+        # what the vision config alone can't rebuild
+        "vision": {
+            "family": vision.family,
+            "feature_layer": vision.feature_layer,
+            "image_size": vision.image_size,
+            "image_mean": list(vision.image_mean),
+            "image_std": list(vision.image_std),
+        },
+    }
+    with atomic_directory(out_dir) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+        # after the tokenizer: its save must not leave a config.json of its own
+        atomic_write_json(tmp / CONFIG_FILE, meta)
+        safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if recipe is not None:
+            atomic_write_text(tmp / RECIPE_FILE, recipe_to_yaml(recipe))
+    return out_dir
+
+
+def read_checkpoint_config(path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} is not a vlmkit checkpoint: it has no {CONFIG_FILE}")
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        hint = " (it looks like a Hugging Face model directory)" if isinstance(meta, dict) and "model_type" in meta else ""
+        raise CheckpointError(f"{path} is not a vlmkit checkpoint: format is {found!r}, expected {FORMAT!r}{hint}")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r} is not supported (expected {VERSION})")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS_FILE}")
+    return meta
+
+
+def load_checkpoint(path, device="cpu") -> tuple[VisionLanguageModel, object]:
+    """Rebuild the model from the saved configs, load the weights strictly, and the tokenizer.
+
+    The model comes back in eval mode on ``device``.
+    """
+    path = Path(path)
+    meta = read_checkpoint_config(path)
+    model_cfg = ModelConfig.model_validate(meta["model"])
+    v = meta["vision"]
+    vision = vision_from_hf_config(
+        meta["vision_hf_config"], v["feature_layer"], v["image_size"], tuple(v["image_mean"]), tuple(v["image_std"])
+    )
+    llm_dict = dict(meta["llm_hf_config"])
+    llm_config = CONFIG_MAPPING[llm_dict["model_type"]].from_dict(llm_dict)
+    llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation="sdpa")
+    connector = build_connector(
+        model_cfg.connector,
+        vision.hidden_size,
+        llm.config.get_text_config().hidden_size,
+        target_rms=1.0,  # the gain is overwritten by the saved weights
+    )
+    model = VisionLanguageModel(model_cfg, vision, connector, llm, meta["image_token_id"])
+    if model.tokens_per_image != meta["tokens_per_image"]:
+        raise CheckpointError(
+            f"{path}: rebuilt model has {model.tokens_per_image} tokens per image, saved {meta['tokens_per_image']}"
+        )
+    safetensors.torch.load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))
+    model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer

@@ -1,0 +1,341 @@
+"""Image encoders: tiny presets built from configs, or any HF vision model through a family table.
+
+``build_vision_encoder(VisionConfig) -> VisionEncoder``; ``VisionEncoder.forward(pixel_values [N,3,S,S])``
+returns patch features ``[N, T, C]`` taken from ``hidden_states[feature_layer]`` of the HF model, with
+the non-patch tokens (CLS, registers) removed.
+
+Families are looked up by the HF config's ``model_type`` (never by sniffing the checkpoint name):
+
+============================  =========  =====================  ===============  ==================
+model_type                    kind       tokens dropped         default layer    mean / std
+============================  =========  =====================  ===============  ==================
+clip, clip_vision_model       ViT        CLS                    -2 (LLaVA)       OpenAI CLIP
+siglip, siglip_vision_model   ViT        none (no CLS token)    -2               0.5 / 0.5
+siglip2, siglip2_vision_model ViT        none                   -2               0.5 / 0.5
+dinov2                        ViT        CLS                    -2 (Prismatic)   ImageNet
+dinov2_with_registers         ViT        CLS + registers        -2               ImageNet
+vit                           ViT        CLS                    -2               ImageNet
+resnet, convnext, convnextv2  CNN        none (H x W flattened) -1               ImageNet
+============================  =========  =====================  ===============  ==================
+
+``hidden_states[-1]`` is the last block's output *before* any final norm (for SigLIP / DINOv2 /
+ViT ``last_hidden_state`` is normed, ``hidden_states[-1]`` is not). DINOv2's default is the
+second-to-last block, as Prismatic VLMs use it; set ``feature_layer: -1`` for the last.
+
+Full CLIP / SigLIP checkpoints (text + vision) load their vision tower only.
+Preprocessing statistics come from the model directory's ``preprocessor_config.json`` when it
+has ``image_mean`` / ``image_std``, otherwise from the family defaults above (presets: 0.5 / 0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from vlmkit.config import VisionConfig
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+PRESETS = ("tiny-cnn", "tiny-vit")
+
+
+@dataclass(frozen=True)
+class VisionFamily:
+    """How to run and read one kind of HF vision model."""
+
+    model_class: str  # a class name in ``transformers``
+    kind: str  # "vit" (patch tokens), "cnn" (feature map), "naflex" (SigLIP2: patchified input)
+    default_layer: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    n_prefix: Callable[[PretrainedConfig], int] = lambda c: 0  # leading non-patch tokens to drop
+    interpolate_kw: bool = False  # forward takes ``interpolate_pos_encoding``
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+def _cls(c: PretrainedConfig) -> int:
+    return 1
+
+
+FAMILIES: dict[str, VisionFamily] = {
+    "clip_vision_model": VisionFamily("CLIPVisionModel", "vit", -2, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _cls, True),
+    "siglip_vision_model": VisionFamily("SiglipVisionModel", "vit", -2, HALF, HALF, interpolate_kw=True),
+    "siglip2_vision_model": VisionFamily("Siglip2VisionModel", "naflex", -2, HALF, HALF),
+    "dinov2": VisionFamily("Dinov2Model", "vit", -2, IMAGENET_MEAN, IMAGENET_STD, _cls),
+    "dinov2_with_registers": VisionFamily(
+        "Dinov2WithRegistersModel", "vit", -2, IMAGENET_MEAN, IMAGENET_STD,
+        lambda c: 1 + int(getattr(c, "num_register_tokens", 0)),
+    ),
+    "vit": VisionFamily(
+        "ViTModel", "vit", -2, IMAGENET_MEAN, IMAGENET_STD, _cls, True, (("add_pooling_layer", False),)
+    ),
+    "resnet": VisionFamily("ResNetModel", "cnn", -1, IMAGENET_MEAN, IMAGENET_STD),
+    "convnext": VisionFamily("ConvNextModel", "cnn", -1, IMAGENET_MEAN, IMAGENET_STD),
+    "convnextv2": VisionFamily("ConvNextV2Model", "cnn", -1, IMAGENET_MEAN, IMAGENET_STD),
+}
+# full image-text checkpoints: model_type -> the vision tower's model_type
+TOWER_OF: dict[str, str] = {
+    "clip": "clip_vision_model",
+    "siglip": "siglip_vision_model",
+    "siglip2": "siglip2_vision_model",
+}
+
+
+def family_of(model_type: str) -> VisionFamily:
+    key = TOWER_OF.get(model_type, model_type)
+    if key not in FAMILIES:
+        known = sorted(set(FAMILIES) | set(TOWER_OF))
+        raise ValueError(f"unsupported vision model_type {model_type!r}; supported: {known}")
+    return FAMILIES[key]
+
+
+@contextmanager
+def _quiet_transformers():
+    """Loading a vision tower from a full CLIP checkpoint logs every unused text weight; hush it."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class VisionEncoder(nn.Module):
+    """An HF vision model plus the rules to turn its hidden states into patch features.
+
+    Attributes: ``model`` (the HF module), ``hf_config``, ``family`` (the model_type key),
+    ``feature_layer`` (resolved index into ``hidden_states``), ``image_size``, ``num_tokens``,
+    ``hidden_size``, ``image_mean``, ``image_std``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        family: str,
+        feature_layer: int | None,
+        image_size: int,
+        image_mean: tuple[float, ...],
+        image_std: tuple[float, ...],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.family = family
+        self.spec = FAMILIES[family]
+        self.hf_config = model.config
+        self.feature_layer = self.spec.default_layer if feature_layer is None else int(feature_layer)
+        self.image_size = int(image_size)
+        self.image_mean = tuple(float(v) for v in image_mean)
+        self.image_std = tuple(float(v) for v in image_std)
+        self.n_prefix = self.spec.n_prefix(self.hf_config)
+        n_layers = self._num_hidden_states()
+        if n_layers is not None and not -n_layers <= self.feature_layer < n_layers:
+            raise ValueError(
+                f"feature_layer {self.feature_layer} is out of range: {family} has {n_layers} hidden states"
+            )
+        if self.spec.kind == "cnn":
+            with torch.no_grad():
+                probe = self._hidden(torch.zeros(1, 3, self.image_size, self.image_size, dtype=self._dtype()))
+            self.num_tokens = int(probe.shape[2] * probe.shape[3])
+            self.hidden_size = int(probe.shape[1])
+        else:
+            patch = int(self.hf_config.patch_size)
+            if self.image_size % patch:
+                raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size {patch}")
+            self.num_tokens = (self.image_size // patch) ** 2
+            self.hidden_size = int(self.hf_config.hidden_size)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _num_hidden_states(self) -> int | None:
+        if self.spec.kind == "cnn":
+            n = len(getattr(self.hf_config, "depths", []) or [])
+            return n + 1 if n else None
+        return int(self.hf_config.num_hidden_layers) + 1
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.parameters())
+
+    def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``hidden_states[feature_layer]`` of the HF model, as it comes out."""
+        kwargs: dict[str, Any] = {"output_hidden_states": True}
+        if self.spec.kind == "naflex":
+            n, c, h, w = pixel_values.shape
+            p = int(self.hf_config.patch_size)
+            gh, gw = h // p, w // p
+            # (N, C, gh, p, gw, p) -> (N, gh, gw, p, p, C) -> (N, gh*gw, p*p*C), the SigLIP2 processor's order
+            patches = pixel_values.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(n, gh * gw, -1)
+            out = self.model(
+                pixel_values=patches,
+                pixel_attention_mask=torch.ones(n, gh * gw, dtype=torch.long, device=patches.device),
+                spatial_shapes=torch.tensor([[gh, gw]] * n, dtype=torch.long, device=patches.device),
+                **kwargs,
+            )
+        else:
+            if self.spec.interpolate_kw and self.image_size != getattr(self.hf_config, "image_size", self.image_size):
+                kwargs["interpolate_pos_encoding"] = True
+            out = self.model(pixel_values=pixel_values, **kwargs)
+        return out.hidden_states[self.feature_layer]
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` -> ``[N, num_tokens, hidden_size]``.
+
+        A frozen encoder (no parameter requires grad) runs under ``no_grad`` and in eval mode.
+        """
+        pixel_values = pixel_values.to(self._dtype())
+        frozen = self.frozen
+        # a frozen encoder also runs in eval mode: BatchNorm statistics must not drift, dropout is off
+        restore = frozen and self.model.training
+        if restore:
+            self.model.eval()
+        try:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                h = self._hidden(pixel_values)
+        finally:
+            if restore:
+                self.model.train()
+        if self.spec.kind == "cnn":
+            return h.flatten(2).transpose(1, 2)  # [N, C, H, W] -> [N, H*W, C], row-major grid
+        return h[:, self.n_prefix :]
+
+
+# ---------------------------------------------------------------------- building
+
+
+def _apply_overrides(hf_config: PretrainedConfig, overrides: dict[str, Any], what: str) -> None:
+    for key, value in overrides.items():
+        if not hasattr(hf_config, key):
+            raise ValueError(f"vision.overrides: {what} config has no field {key!r}")
+        setattr(hf_config, key, value)
+
+
+def _preset_config(cfg: VisionConfig) -> PretrainedConfig:
+    if cfg.name == "tiny-cnn":
+        # embedder: conv s2 + maxpool s2 (/4); stages s1, s2, s2 (/16 overall): 64 px -> 4x4 x 128
+        c = transformers.ResNetConfig(
+            num_channels=3,
+            embedding_size=32,
+            hidden_sizes=[32, 64, 128],
+            depths=[1, 1, 1],
+            layer_type="basic",
+            downsample_in_first_stage=False,
+        )
+    elif cfg.name == "tiny-vit":
+        c = transformers.CLIPVisionConfig(
+            image_size=cfg.image_size,
+            patch_size=16,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+        )
+    else:  # pragma: no cover - guarded by the caller
+        raise ValueError(cfg.name)
+    _apply_overrides(c, cfg.overrides, cfg.name)
+    return c
+
+
+def read_image_stats(name_or_path: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(image_mean, image_std)`` from ``preprocessor_config.json`` next to the model, if it has them."""
+    path = Path(name_or_path)
+    file: Path | None = None
+    if path.is_dir():
+        file = path / "preprocessor_config.json"
+    else:
+        try:
+            from transformers.utils import cached_file
+
+            found = cached_file(
+                name_or_path,
+                "preprocessor_config.json",
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+            file = Path(found) if found else None
+        except Exception:
+            file = None
+    if file is None or not file.is_file():
+        return None
+    data = json.loads(file.read_text(encoding="utf-8"))
+    mean, std = data.get("image_mean"), data.get("image_std")
+    if mean is None or std is None:
+        return None
+    if isinstance(mean, (int, float)):
+        mean = [mean] * 3
+    if isinstance(std, (int, float)):
+        std = [std] * 3
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def vision_from_hf_config(
+    hf_config: PretrainedConfig | dict,
+    feature_layer: int | None,
+    image_size: int,
+    image_mean: tuple[float, ...] | None = None,
+    image_std: tuple[float, ...] | None = None,
+) -> VisionEncoder:
+    """A randomly initialised encoder for an HF config (or its ``to_dict()``); no downloads."""
+    if isinstance(hf_config, dict):
+        from transformers import CONFIG_MAPPING
+
+        hf_config = CONFIG_MAPPING[hf_config["model_type"]].from_dict(dict(hf_config))
+    model_type = hf_config.model_type
+    if model_type in TOWER_OF:
+        hf_config = hf_config.vision_config
+        model_type = hf_config.model_type
+    spec = family_of(model_type)
+    model = getattr(transformers, spec.model_class)(hf_config, **dict(spec.model_kwargs))
+    return VisionEncoder(
+        model,
+        model_type,
+        feature_layer,
+        image_size,
+        image_mean if image_mean is not None else spec.mean,
+        image_std if image_std is not None else spec.std,
+    )
+
+
+def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
+    """A preset (random init) or a pretrained HF vision model, by hub name or local path."""
+    if cfg.name in PRESETS:
+        return vision_from_hf_config(_preset_config(cfg), cfg.feature_layer, cfg.image_size, HALF, HALF)
+
+    hf_config = AutoConfig.from_pretrained(cfg.name)
+    if hf_config.model_type in TOWER_OF:  # a full image-text model: keep the vision tower
+        hf_config = hf_config.vision_config
+    spec = family_of(hf_config.model_type)
+    _apply_overrides(hf_config, cfg.overrides, cfg.name)
+    with _quiet_transformers():
+        model = getattr(transformers, spec.model_class).from_pretrained(
+            cfg.name, config=hf_config, **dict(spec.model_kwargs)
+        )
+    stats = read_image_stats(cfg.name)
+    mean, std = stats if stats is not None else (spec.mean, spec.std)
+    return VisionEncoder(model, hf_config.model_type, cfg.feature_layer, cfg.image_size, mean, std)
+
+
+def grid_side(num_tokens: int) -> int:
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"{num_tokens} tokens do not form a square grid")
+    return side

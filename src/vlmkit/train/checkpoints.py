@@ -1,0 +1,76 @@
+"""Resumable checkpoints of a run: ``checkpoints/step-XXXXXX/`` written atomically, and pruned.
+
+A checkpoint directory holds whatever ``save_model(model, dir)`` writes (for a VLM:
+``save_checkpoint``: config.json, model.safetensors, tokenizer, recipe.yaml) plus
+``training_state/`` (see ``train.state``). Directories only ever appear complete (temp dir,
+then rename), so "the latest directory named step-N" is always a usable checkpoint; leftover
+``.step-N.*.tmp`` directories from a crash are ignored.
+
+Stage-end checkpoints are kept forever; of the periodic ones the last ``keep_last`` stay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from vlmkit.train.state import save_training_state
+from vlmkit.utils.io import atomic_directory
+
+log = logging.getLogger("vlmkit.train")
+
+_NAME = re.compile(r"^step-(\d{6,})$")
+STATE_DIR = "training_state"
+
+
+def checkpoint_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root``, by ascending global step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / STATE_DIR / "state.json").exists():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1][1] if dirs else None
+
+
+def _is_stage_end(path: Path) -> bool:
+    state = json.loads((path / STATE_DIR / "state.json").read_text(encoding="utf-8"))
+    return bool(state["progress"].get("stage_end"))
+
+
+class CheckpointManager:
+    """Writes ``root/step-{global:06d}/`` and prunes old periodic checkpoints."""
+
+    def __init__(self, root: str | Path, save_model: Callable[[nn.Module, Path], None], keep_last: int = 2):
+        self.root = Path(root)
+        self.save_model = save_model
+        self.keep_last = keep_last
+
+    def save(self, model, optimizer, scheduler, progress: dict, mixture: dict | None) -> Path:
+        path = self.root / f"step-{progress['global_step']:06d}"
+        with atomic_directory(path) as tmp:
+            self.save_model(model, tmp)
+            save_training_state(tmp / STATE_DIR, optimizer, scheduler, progress, mixture)
+        self.prune()
+        return path
+
+    def prune(self) -> None:
+        periodic = [p for _, p in checkpoint_dirs(self.root) if not _is_stage_end(p)]
+        excess = periodic[: max(0, len(periodic) - self.keep_last)]
+        for p in excess:
+            log.debug("removing old checkpoint %s", p)
+            shutil.rmtree(p, ignore_errors=True)

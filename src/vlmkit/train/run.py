@@ -1,0 +1,218 @@
+"""``train(recipe, ...)``: a whole run, from data and tokenizer to the ``final/`` checkpoint.
+
+This module wires the parts together (world, sources, tokenizer, model, encoder, checkpoints)
+and hands the loop to ``train.trainer.train_stages``. Run directory::
+
+    recipe.yaml  metrics.jsonl  loss.png  tokenizer/  world/ (if generated)
+    checkpoints/step-XXXXXX/  (model checkpoint + training_state/)
+    final/                    (model checkpoint with recipe.yaml)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmkit.config import ConfigError, Recipe, recipe_to_yaml
+from vlmkit.data.bad_samples import BadSampleLog
+from vlmkit.train.checkpoints import CheckpointManager, latest_checkpoint
+from vlmkit.train.trainer import RunContext, StopRun, train_stages
+from vlmkit.utils.io import atomic_directory, atomic_write_text, read_jsonl
+
+log = logging.getLogger("vlmkit.train")
+
+RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "checkpoints", "final")
+KEEP_LAST = 2
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_run_dir(out_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite an earlier run unless resuming it."""
+    found = [m for m in RUN_MARKERS if (out_dir / m).exists()]
+    if found and not resume:
+        raise ConfigError(
+            f"{out_dir} already holds a run ({', '.join(found)}); pass --resume to continue it "
+            "or choose another --out"
+        )
+
+
+def used_sources(recipe: Recipe) -> list[str]:
+    return [name for name in recipe.data if any(name in s.data for s in recipe.stages)]
+
+
+def ensure_world(recipe: Recipe, world_dir: Path) -> Path:
+    from vlmkit.data.worlds.shapes import generate_world
+
+    w = recipe.world
+    generate_world(world_dir, n_train=w.train, n_test=w.test, seed=w.seed, size=w.size)
+    return world_dir
+
+
+def build_tokenizer(recipe: Recipe, sources: dict, data_dir: Path, out_dir: Path):
+    """The tiny BPE trained on the data's text (saved under ``out_dir/tokenizer``, reused), or
+    the named tokenizer."""
+    from vlmkit.data.tokenizer import load_tokenizer, train_tiny_tokenizer
+
+    if recipe.model.tokenizer != "tiny":
+        return load_tokenizer(recipe.model.tokenizer)[0]
+    tok_dir = out_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        return load_tokenizer(tok_dir)[0]
+    texts = [t.text for src in sources.values() for s in src.samples for t in s.turns]
+    if (data_dir / "world.json").exists():
+        from vlmkit.data.worlds.shapes import world_texts
+
+        texts += list(world_texts(data_dir))
+    with atomic_directory(tok_dir) as tmp:
+        train_tiny_tokenizer(texts, recipe.model.tokenizer_vocab_size, tmp)
+    return load_tokenizer(tok_dir)[0]
+
+
+def build_model(recipe: Recipe, tokenizer):
+    """A fresh model for ``tokenizer``, or the checkpoint ``model.init_from`` (with its tokenizer)."""
+    from vlmkit.models.checkpoint_io import load_checkpoint
+    from vlmkit.models.vlm import VisionLanguageModel
+
+    if recipe.model.init_from:
+        return load_checkpoint(recipe.model.init_from)
+    return VisionLanguageModel.from_config(recipe.model, tokenizer), tokenizer
+
+
+def prepare_model(recipe: Recipe, sources: dict, data_dir: Path, out_dir: Path, ckpt: Path | None, resume: bool):
+    """(model, tokenizer): from the checkpoint we resume, else built fresh (see build_model)."""
+    from vlmkit.models.checkpoint_io import load_checkpoint
+
+    if ckpt is not None:
+        print(f"resuming from {ckpt}")
+        truncate_metrics(out_dir / "metrics.jsonl", int(ckpt.name.split("-")[1]))
+        return load_checkpoint(ckpt)
+    if resume:
+        print(f"no complete checkpoint under {out_dir / 'checkpoints'}: starting from scratch")
+        truncate_metrics(out_dir / "metrics.jsonl", 0)
+    tokenizer = build_tokenizer(recipe, sources, data_dir, out_dir) if not recipe.model.init_from else None
+    seed_everything(recipe.seed)  # the same init whether or not the world/tokenizer were cached
+    return build_model(recipe, tokenizer)
+
+
+def make_encoder(recipe: Recipe, model, tokenizer):
+    """``stage -> encode`` sharing one image cache across stages."""
+    from vlmkit.data.dataset import SampleEncoder
+    from vlmkit.data.images import ImageProcessor
+    from vlmkit.data.template import ChatTemplate
+
+    v = recipe.model.vision
+    processor = ImageProcessor(v.image_size, model.vision.image_mean, model.vision.image_std, v.preprocess)
+    template = ChatTemplate(tokenizer)
+    encoder = SampleEncoder(template, processor, model.tokens_per_image, max_len=recipe.stages[0].max_seq_len)
+    return template, (lambda stage: encoder.with_max_len(stage.max_seq_len).encode)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric rows a killed run logged after the checkpoint we resume from."""
+    if path.exists():
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
+    """loss vs global step, a dashed line and a label where each stage begins."""
+    rows = read_jsonl(metrics_path) if metrics_path.exists() else []
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    previous = None
+    for r in rows:
+        if r["stage"] != previous:
+            start = r["step"] - r.get("stage_step", 1)
+            ax.axvline(start, color="grey", ls="--", lw=0.8)
+            ax.text(start, 1.0, f" {r['stage']}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+            previous = r["stage"]
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over target tokens)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def train(
+    recipe: Recipe,
+    data_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    max_steps: int | None = None,
+    save_every: int | None = None,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+) -> Path | None:
+    """Train every stage of ``recipe``; returns ``out_dir/final``.
+
+    With ``stop_after_steps`` (tests) the run stops after that many global steps as if killed
+    (no final checkpoint, no plot) and ``None`` is returned.
+    """
+    from vlmkit.data.collate import collate
+    from vlmkit.data.dataset import load_sources
+    from vlmkit.models.checkpoint_io import save_checkpoint
+
+    out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
+    check_run_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(recipe.seed)
+    data = Path(data_dir) if data_dir is not None else ensure_world(recipe, out / "world")
+    atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
+
+    bad_log = BadSampleLog(max_fraction=recipe.train.max_bad_fraction)
+    sources = load_sources(recipe.data, data, bad_log, names=used_sources(recipe))
+    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+    model, tokenizer = prepare_model(recipe, sources, data, out, ckpt, resume)
+    device = resolve_device(recipe.train.device)
+    model.to(device)
+    template, make_encode = make_encoder(recipe, model, tokenizer)
+
+    def save_model(m, d):
+        save_checkpoint(m, tokenizer, d, recipe=recipe)
+
+    ctx = RunContext(
+        run_dir=out,
+        bad_log=bad_log,
+        collate_fn=collate,
+        pad_id=template.pad_token_id,
+        seed=recipe.seed,
+        device=device,
+        checkpoints=CheckpointManager(out / "checkpoints", save_model, keep_last=KEEP_LAST),
+        save_every=save_every if save_every is not None else recipe.train.save_every,
+        max_steps=max_steps,
+        stop_after_steps=stop_after_steps,
+    )
+    try:
+        train_stages(model, recipe.stages, sources, make_encode, ctx, resume_from=ckpt)
+    except StopRun as stop:
+        log.warning("%s (stop_after_steps)", stop)
+        return None
+    final = out / "final"
+    with atomic_directory(final) as tmp:
+        save_model(model, tmp)
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    print(f"bad samples: {bad_log.summary()}")
+    return final

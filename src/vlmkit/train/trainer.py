@@ -1,0 +1,318 @@
+"""The training loop: one ``StageTrainer`` per stage, ``train_stages`` runs them in order.
+
+The loop knows the model only through ``model(input_ids, attention_mask, pixel_values, labels,
+sample_ids) -> output with loss_sum, n_targets`` and ``model.parts()`` (for trainable entries);
+samples reach it through an ``encode(sample, root) -> (Encoded, [pixels])`` callable and a
+``collate`` function. Everything that touches files beyond checkpoints and metrics lives in
+``train.run``.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` rows. All micro-batches of
+the step are drawn and collated first, so the number of target tokens of the whole step is
+known before any forward pass; each micro-batch's summed loss is divided by that total. The
+gradient is therefore exactly that of the mean loss over every target token of the step,
+whatever the split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlmkit.config import StageConfig
+from vlmkit.data.bad_samples import BadSampleError, BadSampleLog, TooManyBadSamples
+from vlmkit.data.mixture import MixtureSampler
+from vlmkit.train.checkpoints import STATE_DIR, CheckpointManager
+from vlmkit.train.stages import build_optimizer
+from vlmkit.train.state import load_training_state, read_progress
+from vlmkit.utils.io import append_jsonl
+
+log = logging.getLogger("vlmkit.train")
+
+IGNORE_INDEX = -100
+EncodeFn = Callable[[Any, Path], tuple[Any, list[torch.Tensor]]]
+
+
+class StopRun(Exception):
+    """Raised after ``stop_after_steps`` global steps: the run ends as if killed (tests)."""
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Target tokens of a next-token loss: labels that are not ignored, after the shift."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def stage_total_steps(stage: StageConfig, mixture_size: int, max_steps: int | None = None) -> int:
+    """``stage.steps``, or ``epochs`` passes over the mixture; capped by ``max_steps``."""
+    if stage.steps is not None:
+        total = stage.steps
+    else:
+        total = max(1, math.ceil(stage.epochs * mixture_size / (stage.batch_size * stage.grad_accum)))
+    return min(total, max_steps) if max_steps else total
+
+
+def stage_seed(seed: int, stage_index: int) -> int:
+    return (seed * 1_000_003 + stage_index) % 2**63
+
+
+@dataclass
+class RunContext:
+    """What every stage of a run shares: where to write, counters, and run-wide options."""
+
+    run_dir: Path
+    bad_log: BadSampleLog
+    collate_fn: Callable
+    pad_id: int
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    checkpoints: CheckpointManager | None = None
+    save_every: int | None = None
+    max_steps: int | None = None
+    stop_after_steps: int | None = None
+    progress_bar: bool = True
+    global_step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.run_dir) / "metrics.jsonl"
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def bad_state(self) -> dict:
+        return {"seen": self.bad_log.seen, "bad": [list(b) for b in self.bad_log.bad]}
+
+    def restore(self, progress: dict) -> None:
+        self.global_step = progress["global_step"]
+        self.tokens_seen = progress["tokens_seen"]
+        self.elapsed_before = progress.get("elapsed_s", 0.0)
+        self.started = time.perf_counter()
+        self.bad_log.seen = progress["bad_samples"]["seen"]
+        self.bad_log.bad = [tuple(b) for b in progress["bad_samples"]["bad"]]
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    lrs: dict[str, float]
+    n_targets: int
+    n_tokens: int
+
+
+class StageTrainer:
+    """Trains ``model`` for one stage: optimizer, schedule, data mixture, loop, checkpoints."""
+
+    def __init__(
+        self, model: nn.Module, stage: StageConfig, stage_index: int, sources: dict, encode: EncodeFn, ctx: RunContext
+    ):
+        self.model, self.stage, self.stage_index = model, stage, stage_index
+        self.sources, self.encode, self.ctx = sources, encode, ctx
+        sizes = {name: len(sources[name].samples) for name in stage.data}
+        self.mixture = MixtureSampler(sizes, stage.data, seed=stage_seed(ctx.seed, stage_index))
+        self.total_steps = stage_total_steps(stage, len(self.mixture), ctx.max_steps)
+        self.optimizer, self.scheduler, self.selected = build_optimizer(model, stage, self.total_steps)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.stage_step = 0
+
+    # ---------------------------------------------------------------- data
+
+    def next_item(self):
+        """The next good (Encoded, pixels) of the mixture; bad ones are logged and skipped."""
+        for _ in range(len(self.mixture) + 1):
+            name, index = self.mixture.next()
+            src = self.sources[name]
+            sample = src.samples[index]
+            try:
+                item = self.encode(sample, src.root)
+            except BadSampleError as err:
+                self.ctx.bad_log.record(f"{src.path} (source {name}, row {index})", sample.id, err)
+                continue
+            self.ctx.bad_log.ok()
+            return item
+        raise TooManyBadSamples(f"stage {self.stage.name}: no good sample in {len(self.mixture) + 1} draws")
+
+    def next_micro_batches(self) -> list[dict]:
+        batches = []
+        for _ in range(self.stage.grad_accum):
+            items = [self.next_item() for _ in range(self.stage.batch_size)]
+            encoded = [e for e, _ in items]
+            pixels = [px for _, pxs in items for px in pxs]
+            batch = self.ctx.collate_fn(encoded, pixels, self.ctx.pad_id, padding_side="right")
+            batch["sample_ids"] = [getattr(e, "sample_id", None) for e in encoded]
+            batches.append(batch)
+        return batches
+
+    # ---------------------------------------------------------------- one step
+
+    def _autocast(self):
+        if self.ctx.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def forward_backward(self, batches: list[dict]) -> tuple[float, int, int]:
+        """Accumulate gradients of the step's token-mean loss; returns (loss, targets, tokens)."""
+        total = sum(count_targets(b["labels"]) for b in batches)
+        denom = max(total, 1)
+        loss_sum, seen_targets, tokens = torch.zeros((), dtype=torch.float64), 0, 0
+        for batch in batches:
+            batch = self._to_device(batch)
+            with self._autocast():
+                out = self.model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=batch.get("pixel_values"),
+                    labels=batch["labels"],
+                    sample_ids=batch.get("sample_ids"),
+                )
+            (out.loss_sum.float() / denom).backward()
+            loss_sum += out.loss_sum.detach().double().cpu()
+            seen_targets += int(out.n_targets)
+            tokens += int(batch["attention_mask"].sum())
+        if seen_targets != total:
+            raise RuntimeError(
+                f"the model counted {seen_targets} target tokens, the trainer {total}: "
+                "labels must be unshifted, -100 where no loss (see count_targets)"
+            )
+        return float(loss_sum / denom), total, tokens
+
+    def train_step(self) -> StepResult:
+        self.model.train()
+        batches = self.next_micro_batches()
+        loss, n_targets, n_tokens = self.forward_backward(batches)
+        clip = self.stage.grad_clip if self.stage.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stage_step += 1
+        self.ctx.global_step += 1
+        self.ctx.tokens_seen += n_tokens
+        return StepResult(loss, grad_norm, max(lrs.values()), lrs, n_targets, n_tokens)
+
+    # ---------------------------------------------------------------- state
+
+    def progress(self) -> dict:
+        return {
+            "stage_index": self.stage_index,
+            "stage_name": self.stage.name,
+            "stage_step": self.stage_step,
+            "stage_total": self.total_steps,
+            "stage_end": self.stage_step >= self.total_steps,
+            "global_step": self.ctx.global_step,
+            "tokens_seen": self.ctx.tokens_seen,
+            "elapsed_s": self.ctx.elapsed(),
+            "bad_samples": self.ctx.bad_state(),
+        }
+
+    def load_state(self, state_dir: Path) -> None:
+        """Continue from a checkpoint taken inside this stage (model weights already loaded)."""
+        info = load_training_state(state_dir, None, self.optimizer, self.scheduler)
+        self.mixture.load_state_dict(info["mixture"])
+        self.stage_step = info["progress"]["stage_step"]
+
+    def save(self) -> Path | None:
+        if self.ctx.checkpoints is None:
+            return None
+        path = self.ctx.checkpoints.save(
+            self.model, self.optimizer, self.scheduler, self.progress(), self.mixture.state_dict()
+        )
+        tqdm.write(f"checkpoint {path} (stage {self.stage.name}, step {self.ctx.global_step})")
+        return path
+
+    # ---------------------------------------------------------------- loop
+
+    def _log(self, result: StepResult, window: dict) -> None:
+        now = time.perf_counter()
+        row = {
+            "stage": self.stage.name,
+            "step": self.ctx.global_step,
+            "stage_step": self.stage_step,
+            "loss": result.loss,
+            "lr": result.lr,
+            "lrs": result.lrs,
+            "grad_norm": result.grad_norm,
+            "n_targets": result.n_targets,
+            "tokens_per_s": window["tokens"] / max(now - window["t0"], 1e-9),
+            "tokens_seen": self.ctx.tokens_seen,
+            "elapsed_s": round(self.ctx.elapsed(), 3),
+            "bad_samples": len(self.ctx.bad_log.bad),
+        }
+        append_jsonl(self.ctx.metrics_path, row)
+        window.update(tokens=0, t0=now)
+
+    def _should_log(self) -> bool:
+        s = self.stage_step
+        return s == 1 or s % self.stage.log_every == 0 or s >= self.total_steps
+
+    def _should_save(self) -> bool:
+        every = self.ctx.save_every
+        return self.stage_step >= self.total_steps or bool(every and self.ctx.global_step % every == 0)
+
+    def run(self) -> None:
+        bar = tqdm(
+            total=self.total_steps, initial=self.stage_step, desc=f"stage {self.stage.name}",
+            unit="step", dynamic_ncols=True, disable=not self.ctx.progress_bar,
+        )
+        window = {"tokens": 0, "t0": time.perf_counter()}
+        with bar:
+            while self.stage_step < self.total_steps:
+                result = self.train_step()
+                window["tokens"] += result.n_tokens
+                tok_s = window["tokens"] / max(time.perf_counter() - window["t0"], 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
+                if self._should_log():
+                    self._log(result, window)
+                if self._should_save():
+                    self.save()
+                stop = self.ctx.stop_after_steps
+                if stop is not None and self.ctx.global_step >= stop:
+                    raise StopRun(f"stopped after {self.ctx.global_step} steps")
+
+
+def train_stages(
+    model: nn.Module,
+    stages: list[StageConfig],
+    sources: dict,
+    make_encode: Callable[[StageConfig], EncodeFn],
+    ctx: RunContext,
+    resume_from: Path | None = None,
+) -> None:
+    """Run ``stages`` in order; with ``resume_from`` (a checkpoint directory whose weights are
+    already in ``model``) continue exactly where that checkpoint was taken."""
+    start, state_dir, mid_stage = 0, None, False
+    if resume_from is not None:
+        state_dir = Path(resume_from) / STATE_DIR
+        progress = read_progress(state_dir)["progress"]
+        ctx.restore(progress)
+        mid_stage = not progress["stage_end"]
+        start = progress["stage_index"] + (0 if mid_stage else 1)
+    for i in range(start, len(stages)):
+        trainer = StageTrainer(model, stages[i], i, sources, make_encode(stages[i]), ctx)
+        if state_dir is not None and i == start:
+            if mid_stage:
+                trainer.load_state(state_dir)
+            else:  # a stage-end checkpoint: only the RNG carries over to the next stage
+                load_training_state(state_dir, None, None, None)
+        log.info("stage %d/%d %s: %d steps", i + 1, len(stages), stages[i].name, trainer.total_steps)
+        trainer.run()
+    if state_dir is not None and start >= len(stages):
+        load_training_state(state_dir, None, None, None)

@@ -1,0 +1,157 @@
+import pytest
+import torch
+from safetensors.torch import load_model, save_model
+
+from helpers_train import ToyVLM, fake_collate, fake_encode, make_source
+from vlmkit.config import StageConfig
+from vlmkit.data.bad_samples import BadSampleLog, TooManyBadSamples
+from vlmkit.train.checkpoints import CheckpointManager, checkpoint_dirs, latest_checkpoint
+from vlmkit.train.trainer import RunContext, StageTrainer, StopRun, train_stages
+from vlmkit.utils.io import read_jsonl
+
+
+def _save_model(model, d):
+    save_model(model, str(d / "model.safetensors"))
+
+
+def _ctx(run_dir, bad_log=None, **kw):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunContext(
+        run_dir=run_dir,
+        bad_log=bad_log or BadSampleLog(max_fraction=0.5),
+        collate_fn=fake_collate,
+        pad_id=0,
+        seed=3,
+        checkpoints=CheckpointManager(run_dir / "checkpoints", _save_model, keep_last=2),
+        progress_bar=False,
+        **kw,
+    )
+
+
+def _stage(name="s", **kw):
+    base = dict(name=name, data={"a": 2.0, "b": 1.0}, trainable=["connector", "llm"], lr={"connector": 1e-2, "llm": 5e-3},
+                steps=5, batch_size=2, grad_accum=2, warmup_steps=1, weight_decay=0.1, log_every=1)
+    base.update(kw)
+    return StageConfig(**base)
+
+
+SOURCES = {"a": make_source("a", 13, seed=1), "b": make_source("b", 6, bad_every=4, seed=2)}
+
+
+def _grads_after_one_step(tmp_path, batch_size, grad_accum):
+    model = ToyVLM(seed=0)
+    model.llm["drop"].p = 0.0
+    stage = _stage(batch_size=batch_size, grad_accum=grad_accum)
+    trainer = StageTrainer(model, stage, 0, SOURCES, fake_encode, _ctx(tmp_path / f"r{batch_size}"))
+    batches = trainer.next_micro_batches()
+    loss, n_targets, _ = trainer.forward_backward(batches)
+    return loss, n_targets, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulation_normalises_by_all_target_tokens(tmp_path):
+    loss1, n1, g1 = _grads_after_one_step(tmp_path, batch_size=8, grad_accum=1)
+    loss2, n2, g2 = _grads_after_one_step(tmp_path, batch_size=4, grad_accum=2)
+    loss4, n4, g4 = _grads_after_one_step(tmp_path, batch_size=2, grad_accum=4)
+    assert n1 == n2 == n4 and loss1 == pytest.approx(loss2, rel=1e-6) == pytest.approx(loss4, rel=1e-6)
+    assert g1.keys() == g2.keys() == g4.keys() and "vision.weight" not in g1
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g4[name], g1[name], rtol=1e-5, atol=1e-7)
+
+
+STAGES = [_stage("align", trainable=["connector"], lr=1e-2, steps=5),
+          _stage("tune", trainable=["llm.*", "connector"], lr={"llm.*": 5e-3, "connector": 1e-3}, steps=4,
+                 schedule="constant", data={"a": 1.0})]
+
+
+def _run(run_dir, stop_after=None, resume=False):
+    model = ToyVLM(seed=11 if resume else 0)  # a resumed run must not depend on the init
+    ctx = _ctx(run_dir, save_every=2, stop_after_steps=stop_after)
+    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if ckpt is not None:
+        load_model(model, str(ckpt / "model.safetensors"))
+    train_stages(model, STAGES, SOURCES, lambda stage: fake_encode, ctx, resume_from=ckpt)
+    return model, ctx
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}  # last row per step wins
+
+
+@pytest.mark.parametrize("stop_after", [3, 5])  # resume inside a stage, and from a stage-end checkpoint
+def test_resume_is_bitwise_identical(tmp_path, stop_after):
+    torch.manual_seed(0)
+    full, full_ctx = _run(tmp_path / "full")
+    torch.manual_seed(0)
+    with pytest.raises(StopRun):
+        _run(tmp_path / "cut", stop_after=stop_after)
+    torch.manual_seed(1234)  # the restart begins from another RNG state
+    resumed, ctx = _run(tmp_path / "cut", resume=True)
+    assert ctx.global_step == full_ctx.global_step == 9
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert ctx.bad_log.seen == full_ctx.bad_log.seen and len(ctx.bad_log.bad) == len(full_ctx.bad_log.bad)
+
+
+def test_metrics_and_checkpoint_retention(tmp_path):
+    _run(tmp_path / "r")
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 10))
+    assert [r["stage"] for r in rows] == ["align"] * 5 + ["tune"] * 4
+    assert rows[5]["stage_step"] == 1
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"):
+        assert isinstance(rows[-1][key], float)
+    # periodic at 2, 4, 6, 8 (last two kept); stage ends at 5 and 9 kept
+    assert [s for s, _ in checkpoint_dirs(tmp_path / "r" / "checkpoints")] == [5, 6, 8, 9]
+    assert rows[0]["bad_samples"] >= 0
+
+
+def test_too_many_bad_samples_stops_naming_the_row(tmp_path):
+    sources = {"a": make_source("a", 20, bad_every=2), "b": make_source("b", 5)}
+    ctx = _ctx(tmp_path, bad_log=BadSampleLog(max_fraction=0.2, min_seen=10))
+    trainer = StageTrainer(ToyVLM(), _stage(data={"a": 1.0}), 0, sources, fake_encode, ctx)
+    with pytest.raises(TooManyBadSamples, match=r"a-\d+ in /fake/a.json \(source a, row \d+\)"):
+        trainer.run()
+
+
+def test_run_dir_refusal_and_metrics_truncation(tmp_path):
+    from vlmkit.config import ConfigError
+    from vlmkit.train.run import check_run_dir, truncate_metrics
+    from vlmkit.utils.io import append_jsonl
+
+    check_run_dir(tmp_path, resume=False)  # empty: fine
+    (tmp_path / "world").mkdir()
+    check_run_dir(tmp_path, resume=False)  # a cached world is not a run
+    for step in (1, 2, 3):
+        append_jsonl(tmp_path / "metrics.jsonl", {"step": step, "loss": 1.0})
+    with pytest.raises(ConfigError, match="--resume"):
+        check_run_dir(tmp_path, resume=False)
+    check_run_dir(tmp_path, resume=True)
+    truncate_metrics(tmp_path / "metrics.jsonl", 2)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_sample_encoder_caches_images_and_keeps_token_order(tmp_path):
+    from vlmkit.data.dataset import SampleEncoder
+    from vlmkit.data.sample import ImageRef, Part, Sample, Turn
+
+    loads = []
+
+    class Template:
+        def encode_for_training(self, sample, tokens_per_image, max_len):
+            return ("encoded", sample.id, tokens_per_image, max_len)
+
+    def load(ref, root):
+        loads.append(ref.path)
+        return float(len(ref.path))
+
+    enc = SampleEncoder(Template(), lambda img: torch.tensor([img]), tokens_per_image=3, max_len=64, cache_size=1, load=load)
+    turns = [Turn("user", [Part(image=1), Part(text="and"), Part(image=0)]), Turn.of_text("assistant", "x")]
+    sample = Sample("s", turns, [ImageRef(path="a.png"), ImageRef(path="bb.png")])
+    encoded, pixels = enc.encode(sample, tmp_path)
+    assert encoded == ("encoded", "s", 3, 64) and [float(p) for p in pixels] == [6.0, 5.0]
+    longer = enc.with_max_len(128)
+    assert longer.encode(sample, tmp_path)[0][3] == 128
+    enc.encode(Sample("t", turns[:1] + turns[1:], [ImageRef(path="a.png"), ImageRef(path="a.png")]), tmp_path)
+    assert loads == ["bb.png", "a.png", "bb.png", "a.png"]  # LRU of one: only repeats of the last image hit
