@@ -136,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse binds an optional positional (the chat prompt) before any option that follows the
+    # checkpoint, so `vlmkit chat CKPT --image X "question"` leaves the question unparsed.
+    if extra and args.command == "chat" and args.prompt is None and not extra[0].startswith("-"):
+        args.prompt, extra = " ".join(extra), []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

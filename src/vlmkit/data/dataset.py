@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,18 +44,20 @@ def load_sources(
     from vlmkit.data.formats.llava import read_llava
 
     out = {}
+    files: dict[Path, list[Sample]] = {}  # several sources often filter one file: read it once
     for name in names if names is not None else list(data):
         src = data[name]
         path = Path(data_dir) / src.path
         if not path.exists():
             raise ConfigError(f"data.{name}.path: {path} does not exist")
-        samples = read_llava(path, root=path.parent, bad_log=bad_log)
+        if path not in files:
+            files[path] = read_llava(path, root=path.parent, bad_log=bad_log)
+        samples = files[path]
         if src.tasks is not None:
             samples = [s for s in samples if s.meta.get("task") in src.tasks]
         if not samples:
             raise ConfigError(f"data.{name}: no samples in {path} (tasks filter: {src.tasks})")
-        for s in samples:
-            s.meta.setdefault("source", name)
+        samples = [replace(s, meta={**s.meta, "source": name}) for s in samples]
         out[name] = SourceData(name, path, path.parent, samples)
     return out
 

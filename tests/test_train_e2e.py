@@ -1,0 +1,100 @@
+"""The real model through the real training loop: resume is bitwise, bad input is skipped and counted."""
+
+import json
+import shutil
+
+import pytest
+
+from vlmkit.config import recipe_from_dict
+from vlmkit.data.bad_samples import TooManyBadSamples
+from vlmkit.models.checkpoint_io import load_checkpoint
+from vlmkit.train.run import train
+from vlmkit.utils.io import read_jsonl
+from conftest import tiny_recipe_dict
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+
+
+def test_run_directory_contract(tiny_run):
+    out, final = tiny_run
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert {"stage", "step", "loss"} <= set(rows[0])
+    assert [r["stage"] for r in rows][0] == "lm_warmup" and rows[-1]["stage"] == "instruct"
+    assert (out / "loss.png").stat().st_size > 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "recipe.yaml"):
+        assert (final / name).exists(), name
+    assert any((out / "checkpoints").iterdir())
+
+
+def test_stages_freeze_what_they_do_not_train(tiny_world, tmp_path):
+    """After an align-only run the LLM weights equal the initial ones; the connector's don't."""
+    tree = tiny_recipe_dict(steps=2)
+    tree["stages"] = [tree["stages"][1]]
+    final = train(recipe_from_dict(tree), data_dir=tiny_world, out_dir=tmp_path / "a")
+    trained, _ = load_checkpoint(final)
+    tree["stages"][0]["steps"] = 1
+    tree["stages"][0]["lr"] = {"vision": 0.0, "connector": 0.0}
+    untouched = train(recipe_from_dict(tree), data_dir=tiny_world, out_dir=tmp_path / "b")
+    initial, _ = load_checkpoint(untouched)
+    a, b = trained.state_dict(), initial.state_dict()
+    assert all((a[k] == b[k]).all() for k in a if k.startswith("llm."))
+    assert any(not (a[k] == b[k]).all() for k in a if k.startswith("connector."))
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_world, tmp_path):
+    recipe = recipe_from_dict(tiny_recipe_dict(steps=3))
+    full = tmp_path / "full"
+    train(recipe, data_dir=tiny_world, out_dir=full)
+    killed = tmp_path / "killed"
+    # killed after step 5 (mid stage 2), with the last checkpoint at step 4
+    assert train(recipe, data_dir=tiny_world, out_dir=killed, save_every=2, stop_after_steps=5) is None
+    # a half-written checkpoint left by the kill must never be picked
+    (killed / "checkpoints" / ".step-000006.xyz.tmp").mkdir()
+    train(recipe, data_dir=tiny_world, out_dir=killed, save_every=2, resume=True)
+    a, b = losses(full), losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    assert all(a[k] == b[k] for k in a), (a, b)  # bitwise
+
+
+def test_refuses_to_overwrite_a_run(tiny_run, tiny_world):
+    out, _ = tiny_run
+    from vlmkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume"):
+        train(recipe_from_dict(tiny_recipe_dict()), data_dir=tiny_world, out_dir=out)
+
+
+def _world_copy(tiny_world, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world, data)
+    return data
+
+
+def test_bad_rows_are_skipped_named_and_counted(tiny_world, tmp_path, capsys, caplog):
+    data = _world_copy(tiny_world, tmp_path)
+    rows = json.loads((data / "train.json").read_text())
+    captions = [r for r in rows if r.get("meta", {}).get("task") == "caption"]
+    captions[0]["image"] = "images/does-not-exist.png"
+    bad_id = captions[0]["id"]
+    (data / "train.json").write_text(json.dumps(rows))
+    tree = tiny_recipe_dict(steps=2)
+    tree["stages"] = [tree["stages"][1]]
+    tree["stages"][0]["batch_size"] = len(captions)  # every caption is drawn in the first step
+    tree["train"] = {"max_bad_fraction": 0.5}
+    train(recipe_from_dict(tree), data_dir=data, out_dir=tmp_path / "run")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(bad_id in w and "missing_image" in w and "train.json" in w for w in warnings)
+    summary = capsys.readouterr().out
+    assert "missing_image: " in summary  # the end-of-run summary counts skipped samples by reason
+
+
+def test_too_many_bad_samples_stop_the_run(tiny_world, tmp_path):
+    data = _world_copy(tiny_world, tmp_path)
+    for png in (data / "images").glob("train_*.png"):
+        png.write_bytes(b"not a png")
+    tree = tiny_recipe_dict(steps=2)
+    tree["stages"] = [tree["stages"][1]]
+    with pytest.raises(TooManyBadSamples, match="undecodable_image"):
+        train(recipe_from_dict(tree), data_dir=data, out_dir=tmp_path / "run")
