@@ -102,7 +102,8 @@ def run_demo(
 
     print("[3/3] evaluating with and without images")
     results = evaluate(final, data_dir=data_dir, out_dir=out_dir, blind=True,
-                       batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens)
+                       batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+                       limit=recipe.eval.limit, tasks=recipe.eval.tasks)
     figures = headline(results)
     results["demo"] = {
         "figures": figures,
