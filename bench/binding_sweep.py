@@ -81,12 +81,33 @@ def caption_pretrain(tree: dict) -> dict:
     return tree
 
 
+def wide(tree: dict) -> dict:
+    """A wider LM: hidden 256, 4 heads of 64, MLP 768 (about 4M parameters in all)."""
+    tree["model"]["llm"].setdefault("overrides", {}).update(hidden_size=256, intermediate_size=768)
+    return tree
+
+
+def focus(tree: dict) -> dict:
+    """Instruction tuning on VQA-heavy mixtures with twice the batch: more signal per question type."""
+    s = stage(tree, "instruct")
+    s["data"] = {"vqa": 0.8, "pope": 0.1, "text": 0.05, "captions": 0.05}
+    s["batch_size"] = 64
+    return tree
+
+
 VARIANTS = {f.__name__: f for f in (base, without_align, captions_in_warmup, output_norm, eight_heads, higher_lr,
-                                    caption_pretrain)}
+                                    caption_pretrain, wide, focus)}
+
+
+def build_variant(name: str, tree: dict) -> dict:
+    """``a+b`` applies variant a, then b."""
+    for part in name.split("+"):
+        tree = VARIANTS[part](tree)
+    return tree
 
 
 def run_variant(name: str, data: Path, out: Path, limit: int, instruct_steps: int | None) -> dict:
-    tree = VARIANTS[name](copy.deepcopy(yaml.safe_load(RECIPE.read_text())))
+    tree = build_variant(name, copy.deepcopy(yaml.safe_load(RECIPE.read_text())))
     if instruct_steps:
         stage(tree, "instruct")["steps"] = instruct_steps
     tree["name"] = f"sweep-{name}"
@@ -100,7 +121,7 @@ def run_variant(name: str, data: Path, out: Path, limit: int, instruct_steps: in
     vqa, blind = res["tasks"]["shapes_vqa"]["metrics"], res["blind"]["shapes_vqa"]["metrics"]
     return {
         "variant": name,
-        "doc": (VARIANTS[name].__doc__ or "").strip(),
+        "doc": " + ".join((VARIANTS[p].__doc__ or p).strip() for p in name.split("+")),
         "train_s": round(train_s, 1),
         "vqa": vqa["accuracy"],
         "vqa_blind": blind["accuracy"],
