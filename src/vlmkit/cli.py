@@ -52,6 +52,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         blind=args.blind,
         limit=args.limit,
         batch_size=args.batch_size,
+        resume=args.resume,
     )
     from vlmkit.eval.report import summary_table
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--blind", action="store_true", help="also ask every question without its image")
     ev.add_argument("--limit", type=int, default=None, help="at most N items per task")
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--resume", action="store_true", help="skip items already in OUT/samples.jsonl")
     ev.set_defaults(func=_cmd_eval)
 
     chat = sub.add_parser("chat", help="talk to a checkpoint; interactive when no prompt is given")
