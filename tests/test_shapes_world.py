@@ -285,7 +285,7 @@ def test_pope_negatives_absent_and_splits_as_defined(world):
         meta = r["meta"]
         if meta["task"] != "pope":
             continue
-        m = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", user_text(r))
+        m = re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", user_text(r))
         assert m and meta["answer"] in ("yes", "no") and meta["pope_split"] in ("random", "popular", "adversarial")
         objs = meta["scene"]["objects"]
         present = any((o["color"], o["shape"]) == (m[1], m[2]) for o in objs)
@@ -351,7 +351,7 @@ def test_captions_compare_text_and_preferences(world):
         meta = r["meta"]
         if meta["task"] == "caption":
             sc = meta["scene"]
-            names = re.findall(r"\ba (?:(?:small|large) )?(\w+) (\w+)", meta["answer"])
+            names = re.findall(r"\ban? (?:(?:small|large) )?(\w+) (\w+)", meta["answer"])
             assert names == [(o["color"], o["shape"]) for o in sc["objects"]]
             if meta["question_type"] == "caption_detailed":
                 positions = re.findall(r" at (top|bottom) (left|right)", meta["answer"])

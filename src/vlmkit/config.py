@@ -118,7 +118,7 @@ class TrainConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     batch_size: int = Field(32, gt=0)
-    max_new_tokens: int = Field(24, gt=0)
+    max_new_tokens: int = Field(40, gt=0)  # room for a box: ~30 tokens
     limit: int | None = Field(None, gt=0)
     tasks: list[str] = Field(
         default_factory=lambda: ["shapes_vqa", "shapes_pope", "shapes_grounding", "shapes_mcq"]

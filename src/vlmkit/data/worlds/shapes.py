@@ -35,7 +35,7 @@ from vlmkit.data.formats.llava import dumps_rows, preference_to_row, sample_to_r
 from vlmkit.data.sample import Box, ImageRef, Part, PreferencePair, Sample, Turn
 from vlmkit.utils.io import atomic_write_json, atomic_write_text
 
-VERSION = 1
+VERSION = 2  # 2: "an orange ..." instead of "a orange ..."
 GRID = 4
 MAX_OBJECTS = 6
 
@@ -194,6 +194,11 @@ def png_bytes(img: Image.Image) -> bytes:
 # ================================================================== language
 
 
+def article(word: str) -> str:
+    """The indefinite article for ``word`` ("an orange", "a red")."""
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def obj_name(o: dict) -> str:
     return f"{o['color']} {o['shape']}"
 
@@ -211,7 +216,7 @@ def _join(items: list[str]) -> str:
 
 
 def caption_short(scene: dict) -> str:
-    return _join([f"a {obj_name(o)}" for o in scene["objects"]]) + "."
+    return _join([f"{article(obj_name(o))} {obj_name(o)}" for o in scene["objects"]]) + "."
 
 
 def caption_detailed(scene: dict) -> str:
@@ -304,7 +309,7 @@ def applicable_vqa_types(scene: dict) -> list[str]:
 
 
 def pope_question(color: str, shape: str) -> str:
-    return f"Is there a {color} {shape} in the image?"
+    return f"Is there {article(color)} {color} {shape} in the image?"
 
 
 def pope_negative(scene: dict, split: str, stats: dict, rng: random.Random) -> tuple[str, str]:
