@@ -99,24 +99,15 @@ def summary_table(results: dict) -> str:
 
 
 def _load_image(name: str | None, data_root: Path | None):
-    """The item's image as PIL RGB, or None (missing file, URL, undecodable)."""
+    """The item's image as PIL RGB, or None (missing file, URL, undecodable): logged, never fatal."""
+    from vlmkit.data.bad_samples import BadSampleError
+    from vlmkit.data.images import load_image
+
     if not name or "://" in name:
         return None
     try:
-        from vlmkit.data.images import load_image
-    except ImportError:
-        load_image = None
-    try:
-        if load_image is not None:
-            return load_image(ImageRef(path=name), data_root)
-        from PIL import Image  # fallback until data/images.py exists
-
-        p = Path(name)
-        if not p.is_absolute() and data_root is not None:
-            p = Path(data_root) / p
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except Exception as err:  # a report must not die on one bad image
+        return load_image(ImageRef(path=name), data_root)
+    except BadSampleError as err:  # a report must not die on one bad image
         log.warning("report: cannot load image %s: %s", name, err)
         return None
 
