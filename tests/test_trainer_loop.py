@@ -1,10 +1,11 @@
 import pytest
 import torch
+
 from safetensors.torch import load_model, save_model
 
 from helpers_train import ToyVLM, fake_collate, fake_encode, make_source
 from vlmkit.config import StageConfig
-from vlmkit.data.bad_samples import BadSampleLog, TooManyBadSamples
+from vlmkit.data.bad_samples import BadSampleError, BadSampleLog, TooManyBadSamples
 from vlmkit.train.checkpoints import CheckpointManager, checkpoint_dirs, latest_checkpoint
 from vlmkit.train.trainer import RunContext, StageTrainer, StopRun, train_stages
 from vlmkit.utils.io import read_jsonl
@@ -38,12 +39,14 @@ def _stage(name="s", **kw):
 SOURCES = {"a": make_source("a", 13, seed=1), "b": make_source("b", 6, bad_every=4, seed=2)}
 
 
-def _grads_after_one_step(tmp_path, batch_size, grad_accum):
+def _grads_after_one_step(tmp_path, batch_size, grad_accum, group_by_length=False, batches_out=None):
     model = ToyVLM(seed=0)
     model.llm["drop"].p = 0.0
-    stage = _stage(batch_size=batch_size, grad_accum=grad_accum)
-    trainer = StageTrainer(model, stage, 0, SOURCES, fake_encode, _ctx(tmp_path / f"r{batch_size}"))
+    stage = _stage(batch_size=batch_size, grad_accum=grad_accum, group_by_length=group_by_length)
+    trainer = StageTrainer(model, stage, 0, SOURCES, fake_encode, _ctx(tmp_path / f"r{batch_size}-{group_by_length}"))
     batches = trainer.next_micro_batches()
+    if batches_out is not None:
+        batches_out.extend(batches)
     loss, n_targets, _ = trainer.forward_backward(batches)
     return loss, n_targets, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -57,6 +60,27 @@ def test_accumulation_normalises_by_all_target_tokens(tmp_path):
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(g4[name], g1[name], rtol=1e-5, atol=1e-7)
+
+
+def test_group_by_length_pads_less_and_keeps_the_step(tmp_path):
+    """Length-sorted micro-batches: the same rows, less padding, the same loss and gradient."""
+    plain, grouped = [], []
+    loss1, n1, g1 = _grads_after_one_step(tmp_path, batch_size=4, grad_accum=3, batches_out=plain)
+    loss2, n2, g2 = _grads_after_one_step(tmp_path, batch_size=4, grad_accum=3, group_by_length=True, batches_out=grouped)
+
+    def rows(batches):
+        return sorted(i for b in batches for i in b["sample_ids"])
+
+    def padded(batches):
+        return sum(b["input_ids"].numel() for b in batches)
+
+    assert rows(plain) == rows(grouped) and len(grouped) == 3
+    lengths = [int(m.sum()) for b in grouped for m in b["attention_mask"]]
+    assert lengths == sorted(lengths)
+    assert padded(grouped) < padded(plain)
+    assert n1 == n2 and loss1 == pytest.approx(loss2, rel=1e-6)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7)
 
 
 STAGES = [_stage("align", trainable=["connector"], lr=1e-2, steps=5),
@@ -135,12 +159,15 @@ def test_run_dir_refusal_and_metrics_truncation(tmp_path):
 def test_sample_encoder_caches_images_and_keeps_token_order(tmp_path):
     from vlmkit.data.dataset import SampleEncoder
     from vlmkit.data.sample import ImageRef, Part, Sample, Turn
+    from vlmkit.data.template import Encoded
 
-    loads = []
+    loads, encodes = [], []
 
     class Template:
         def encode_for_training(self, sample, tokens_per_image, max_len):
-            return ("encoded", sample.id, tokens_per_image, max_len)
+            encodes.append(sample.id)
+            n = 40 * len(sample.turns)
+            return Encoded(list(range(n)), [tokens_per_image] * n, len(sample.images), sample.id)
 
     def load(ref, root):
         loads.append(ref.path)
@@ -149,9 +176,39 @@ def test_sample_encoder_caches_images_and_keeps_token_order(tmp_path):
     enc = SampleEncoder(Template(), lambda img: torch.tensor([img]), tokens_per_image=3, max_len=64, cache_size=1, load=load)
     turns = [Turn("user", [Part(image=1), Part(text="and"), Part(image=0)]), Turn.of_text("assistant", "x")]
     sample = Sample("s", turns, [ImageRef(path="a.png"), ImageRef(path="bb.png")])
-    encoded, pixels = enc.encode(sample, tmp_path)
-    assert encoded == ("encoded", "s", 3, 64) and [float(p) for p in pixels] == [6.0, 5.0]
+    # 80 tokens > max_len 64: too long, named as such, and the encoding is still cached
+    with pytest.raises(BadSampleError, match="80 tokens > 64"):
+        enc.encode(sample, tmp_path)
     longer = enc.with_max_len(128)
-    assert longer.encode(sample, tmp_path)[0][3] == 128
-    enc.encode(Sample("t", turns[:1] + turns[1:], [ImageRef(path="a.png"), ImageRef(path="a.png")]), tmp_path)
-    assert loads == ["bb.png", "a.png", "bb.png", "a.png"]  # LRU of one: only repeats of the last image hit
+    encoded, pixels = longer.encode(sample, tmp_path)
+    assert encoded.labels[0] == 3 and len(encoded) == 80 and [float(p) for p in pixels] == [6.0, 5.0]
+    assert encodes == ["s"]  # the second encode came from the shared text cache
+    assert loads == ["bb.png", "a.png"]  # the too-long sample was rejected before its images were read
+    enc.encode(Sample("t", turns[:1], [ImageRef(path="a.png"), ImageRef(path="a.png")]), tmp_path)
+    assert loads == ["bb.png", "a.png"]  # both hits: a.png is the last image read
+    longer.encode(sample, tmp_path)
+    assert loads == ["bb.png", "a.png", "bb.png", "a.png"]  # LRU of one: bb.png was evicted, then a.png
+
+
+def test_sample_encoder_text_cache_is_keyed_by_content():
+    """Same id, other content (e.g. a row edited between runs of a long-lived encoder): a fresh
+    encode, never a stale one; the same content: one encode."""
+    from vlmkit.data.dataset import SampleEncoder
+    from vlmkit.data.sample import Sample, Turn
+    from vlmkit.data.template import Encoded
+
+    encodes = []
+
+    class Template:
+        def encode_for_training(self, sample, tokens_per_image, max_len):
+            encodes.append(sample.target_text())
+            ids = [ord(c) for c in sample.target_text()]
+            return Encoded(ids, ids, 0, sample.id)
+
+    enc = SampleEncoder(Template(), lambda img: img, tokens_per_image=1, max_len=64)
+    ask = Turn.of_text("user", "q")
+    a = enc.encode(Sample("s", [ask, Turn.of_text("assistant", "yes")], []), ".")[0]
+    b = enc.encode(Sample("s", [ask, Turn.of_text("assistant", "no")], []), ".")[0]
+    c = enc.encode(Sample("s", [ask, Turn.of_text("assistant", "yes")], []), ".")[0]
+    assert a.input_ids == c.input_ids == [ord("y"), ord("e"), ord("s")] and b.input_ids == [ord("n"), ord("o")]
+    assert encodes == ["yes", "no"]

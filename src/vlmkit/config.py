@@ -26,6 +26,15 @@ class StrictModel(BaseModel):
 # ------------------------------------------------------------------ model
 
 
+class EncoderPretrainConfig(StrictModel):
+    """Supervised pre-training of a preset encoder on the shapes world's scene labels, before
+    the VLM stages (``train.encoder_pretrain``); the pre-trained encoder replaces the preset."""
+
+    steps: int = Field(400, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(2e-3, gt=0)
+
+
 class VisionConfig(StrictModel):
     """The image encoder: a preset built from a config (random weights), or any HF vision model.
 
@@ -37,6 +46,7 @@ class VisionConfig(StrictModel):
     feature_layer: int | None = None  # None: the family's default (-2 for ViTs, -1 for CNNs)
     preprocess: Literal["resize", "letterbox", "resize-crop"] = "resize"
     overrides: dict[str, Any] = Field(default_factory=dict)  # HF config fields for presets
+    pretrain: EncoderPretrainConfig | None = None  # presets only: pre-train on the world first
 
 
 class ConnectorConfig(StrictModel):
@@ -52,6 +62,9 @@ class LLMConfig(StrictModel):
 
     name: str = "tiny-llama"
     overrides: dict[str, Any] = Field(default_factory=dict)
+    # transformers' attention kernel: "sdpa" (PyTorch's fused kernels, FlashAttention on GPUs
+    # that have it), "eager" (plain matmuls), or "flash_attention_2" (needs the flash-attn package)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
 class ModelConfig(StrictModel):
@@ -89,6 +102,10 @@ class StageConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)  # never applied to norms and biases
     batch_size: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
+    # sort the step's batch_size * grad_accum rows by length before cutting them into its
+    # micro-batches, so short rows are not padded to the longest (HF Trainer's group_by_length,
+    # within one step): the step's loss and gradient stay those of the same rows
+    group_by_length: bool = False
     steps: int | None = Field(None, gt=0)
     epochs: float | None = Field(None, gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -113,7 +130,6 @@ class TrainConfig(StrictModel):
     save_every: int | None = Field(None, gt=0)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    num_workers: int = Field(0, ge=0)
 
 
 class EvalConfig(StrictModel):

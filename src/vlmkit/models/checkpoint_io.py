@@ -95,7 +95,7 @@ def load_checkpoint(path, device="cpu") -> tuple[VisionLanguageModel, object]:
     )
     llm_dict = dict(meta["llm_hf_config"])
     llm_config = CONFIG_MAPPING[llm_dict["model_type"]].from_dict(llm_dict)
-    llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation="sdpa")
+    llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=model_cfg.llm.attn_implementation)
     connector = build_connector(
         model_cfg.connector,
         vision.hidden_size,

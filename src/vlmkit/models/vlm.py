@@ -108,10 +108,12 @@ def build_llm(model_cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     name = model_cfg.llm.name
     if name == "tiny-llama":
         llm = AutoModelForCausalLM.from_config(
-            tiny_llama_config(tokenizer, model_cfg.llm.overrides), attn_implementation="sdpa"
+            tiny_llama_config(tokenizer, model_cfg.llm.overrides), attn_implementation=model_cfg.llm.attn_implementation
         )
     else:
-        llm = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", **model_cfg.llm.overrides)
+        llm = AutoModelForCausalLM.from_pretrained(
+            name, attn_implementation=model_cfg.llm.attn_implementation, **model_cfg.llm.overrides
+        )
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         resize_embeddings_mean_init(llm, len(tokenizer))
     return llm

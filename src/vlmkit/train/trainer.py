@@ -111,6 +111,7 @@ class StepResult:
     lrs: dict[str, float]
     n_targets: int
     n_tokens: int
+    data_s: float = 0.0  # seconds spent drawing, encoding and collating the step's rows
 
 
 class StageTrainer:
@@ -146,9 +147,13 @@ class StageTrainer:
         raise TooManyBadSamples(f"stage {self.stage.name}: no good sample in {len(self.mixture) + 1} draws")
 
     def next_micro_batches(self) -> list[dict]:
+        n, accum = self.stage.batch_size, self.stage.grad_accum
+        step_items = [self.next_item() for _ in range(n * accum)]
+        if self.stage.group_by_length:
+            step_items.sort(key=lambda item: len(item[0].input_ids))  # stable: ties keep the draw order
         batches = []
-        for _ in range(self.stage.grad_accum):
-            items = [self.next_item() for _ in range(self.stage.batch_size)]
+        for k in range(accum):
+            items = step_items[k * n : (k + 1) * n]
             encoded = [e for e, _ in items]
             pixels = [px for _, pxs in items for px in pxs]
             batch = self.ctx.collate_fn(encoded, pixels, self.ctx.pad_id, padding_side="right")
@@ -194,7 +199,9 @@ class StageTrainer:
 
     def train_step(self) -> StepResult:
         self.model.train()
+        t0 = time.perf_counter()
         batches = self.next_micro_batches()
+        data_s = time.perf_counter() - t0
         loss, n_targets, n_tokens = self.forward_backward(batches)
         clip = self.stage.grad_clip if self.stage.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
@@ -205,7 +212,7 @@ class StageTrainer:
         self.stage_step += 1
         self.ctx.global_step += 1
         self.ctx.tokens_seen += n_tokens
-        return StepResult(loss, grad_norm, max(lrs.values()), lrs, n_targets, n_tokens)
+        return StepResult(loss, grad_norm, max(lrs.values()), lrs, n_targets, n_tokens, data_s)
 
     # ---------------------------------------------------------------- state
 
@@ -251,12 +258,14 @@ class StageTrainer:
             "grad_norm": result.grad_norm,
             "n_targets": result.n_targets,
             "tokens_per_s": window["tokens"] / max(now - window["t0"], 1e-9),
+            # share of the window's wall time spent preparing data (in-process, not overlapped)
+            "data_fraction": window["data_s"] / max(now - window["t0"], 1e-9),
             "tokens_seen": self.ctx.tokens_seen,
             "elapsed_s": round(self.ctx.elapsed(), 3),
             "bad_samples": len(self.ctx.bad_log.bad),
         }
         append_jsonl(self.ctx.metrics_path, row)
-        window.update(tokens=0, t0=now)
+        window.update(tokens=0, data_s=0.0, t0=now)
 
     def _should_log(self) -> bool:
         s = self.stage_step
@@ -271,11 +280,12 @@ class StageTrainer:
             total=self.total_steps, initial=self.stage_step, desc=f"stage {self.stage.name}",
             unit="step", dynamic_ncols=True, disable=not self.ctx.progress_bar,
         )
-        window = {"tokens": 0, "t0": time.perf_counter()}
+        window = {"tokens": 0, "data_s": 0.0, "t0": time.perf_counter()}
         with bar:
             while self.stage_step < self.total_steps:
                 result = self.train_step()
                 window["tokens"] += result.n_tokens
+                window["data_s"] += result.data_s
                 tok_s = window["tokens"] / max(time.perf_counter() - window["t0"], 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
