@@ -261,6 +261,47 @@ def test_vqa_answers_rederived_from_scene(world):
     assert set(seen) == set(shapes.IMAGE_DEPENDENT_TYPES), seen
 
 
+def test_binding_drills(world):
+    """One drill per training scene (none in the test split): every colour question about a
+    unique shape and every shape question about a unique colour, each answered from the scene."""
+    per_image = Counter()
+    for split in ("train", "test"):
+        for r in rows_of(world, split):
+            meta = r["meta"]
+            if meta["task"] != "vqa_drill":
+                continue
+            assert split == "train"
+            per_image[r["image"]] += 1
+            scene = meta["scene"]
+            users = [c["value"].replace("<image>\n", "") for c in r["conversations"] if c["from"] == "human"]
+            answers = [c["value"] for c in r["conversations"] if c["from"] == "gpt"]
+            assert len(users) == len(answers) == len(meta["question_types"]) and set(meta["question_types"]) <= {"color", "shape"}
+            assert r["conversations"][0]["value"].startswith("<image>\n")
+            assert sum(c["value"].count("<image>") for c in r["conversations"]) == 1
+            shapes_ = Counter(o["shape"] for o in scene["objects"])
+            colors_ = Counter(o["color"] for o in scene["objects"])
+            expected = {f"What color is the {s}?" for s, n in shapes_.items() if n == 1}
+            expected |= {f"What shape is the {c} object?" for c, n in colors_.items() if n == 1}
+            assert set(users) == expected if len(expected) <= 8 else (len(users) == 8 and set(users) < expected)
+            for q, a in zip(users, answers):
+                assert derive_vqa_answer(q, scene) == a, (q, a)
+    def has_unique(sc, key):
+        return 1 in Counter(o[key] for o in sc["objects"]).values()
+
+    allowing = [sc for img, sc in scenes_by_image(world).items() if img.startswith("images/train_")
+                and (has_unique(sc, "shape") or has_unique(sc, "color"))]
+    assert set(per_image.values()) == {1} and len(per_image) == len(allowing) > N_TRAIN // 2
+
+
+def test_scenes_do_not_depend_on_the_version(world, tmp_path, monkeypatch):
+    """VERSION invalidates caches; the scenes stay those of SCENE_STREAM so figures stay comparable."""
+    monkeypatch.setattr(shapes, "VERSION", shapes.VERSION + 100)
+    other = tmp_path / "bumped"
+    generate_world(other, n_train=N_TRAIN, n_test=N_TEST, seed=0, size=64)
+    assert scenes_by_image(other) == scenes_by_image(world)
+    assert json.loads((other / "world.json").read_text())["version"] == shapes.VERSION
+
+
 def test_test_split_spreads_vqa_types_evenly(world):
     rows = [r for r in rows_of(world, "test") if r["meta"]["task"] == "vqa"]
     per_scene = Counter(r["image"] for r in rows)

@@ -35,7 +35,10 @@ from vlmkit.data.formats.llava import dumps_rows, preference_to_row, sample_to_r
 from vlmkit.data.sample import Box, ImageRef, Part, PreferencePair, Sample, Turn
 from vlmkit.utils.io import atomic_write_json, atomic_write_text
 
-VERSION = 2  # 2: "an orange ..." instead of "a orange ..."
+VERSION = 3  # 2: "an orange ..." instead of "a orange ..."; 3: binding drills in the train split
+# Scenes and their random streams are those of version 2: only the training rows changed in
+# version 3, so held-out figures stay comparable with earlier measurements.
+SCENE_STREAM = 2
 GRID = 4
 MAX_OBJECTS = 6
 
@@ -77,6 +80,7 @@ QUESTION_TYPES: dict[str, tuple[str, ...]] = {
     "mcq": ("mcq_color", "mcq_shape", "mcq_count"),
     "grounding": ("ground_ref", "ground_box"),
     "dialogue": ("dialogue",),
+    "vqa_drill": ("vqa_drill",),  # training only: the colour and shape questions of one image
     "compare": ("compare_count",),
     "text": ("text_knowledge", "text_arith", "text_scene"),
     "preference": ("color", "shape", "count_total", "count_color", "count_shape"),
@@ -264,6 +268,14 @@ def unique_referents(scene: dict) -> list[dict]:
 QA = tuple[str, str, dict]
 
 
+def color_question(shape: str) -> str:
+    return f"What color is the {shape}?"
+
+
+def shape_question(color: str) -> str:
+    return f"What shape is the {color} object?"
+
+
 def vqa_candidates(scene: dict, qtype: str, rng: random.Random) -> QA | None:
     """One question of ``qtype`` about the scene, or None if the type does not apply."""
     objs = scene["objects"]
@@ -272,13 +284,13 @@ def vqa_candidates(scene: dict, qtype: str, rng: random.Random) -> QA | None:
         if not cands:
             return None
         o = rng.choice(cands)
-        return f"What color is the {o['shape']}?", o["color"], {}
+        return color_question(o["shape"]), o["color"], {}
     if qtype == "shape":
         cands = _unique_by(objs, lambda o: o["color"])
         if not cands:
             return None
         o = rng.choice(cands)
-        return f"What shape is the {o['color']} object?", o["shape"], {}
+        return shape_question(o["color"]), o["shape"], {}
     if qtype == "count_total":
         return "How many objects are there?", str(len(objs)), {}
     if qtype == "count_color":
@@ -458,16 +470,38 @@ class _RowMaker:
                  box=list(o["box"]))  # fmt: skip
 
     def dialogue(self, sid, image, scene, rng):
+        """Two or three questions of different types on one image."""
         types = applicable_vqa_types(scene)
         chosen = rng.sample(types, min(len(types), rng.randint(2, 3)))
-        turns: list[Turn] = []
-        answers = []
-        for k, t in enumerate(chosen):
+        qas = []
+        for t in chosen:
             q, a, _ = vqa_candidates(scene, t, rng)  # type: ignore[misc]
+            qas.append((t, q, a))
+        self._add_dialogue(sid, image, scene, qas)
+
+    def drill(self, sid, image, scene, rng, max_questions: int = 8):
+        """Every attribute-binding question the scene allows, shuffled, as one dialogue.
+
+        "What color is the <shape>?" for each object whose shape is unique, "What shape is the
+        <color> object?" for each object whose colour is unique (at most ``max_questions``).
+        Training only. Every answer is a supervised target, so one sequence carries several
+        lessons in looking an object up among the visual tokens by one attribute and reading
+        off another: the signal that lets the tiny LM learn binding (docs/binding.md).
+        """
+        objs = scene["objects"]
+        qas = [("color", color_question(o["shape"]), o["color"]) for o in _unique_by(objs, lambda o: o["shape"])]
+        qas += [("shape", shape_question(o["color"]), o["shape"]) for o in _unique_by(objs, lambda o: o["color"])]
+        rng.shuffle(qas)
+        if qas:
+            self._add_dialogue(sid, image, scene, qas[:max_questions], task="vqa_drill")
+
+    def _add_dialogue(self, sid, image, scene, qas: list[tuple[str, str, str]], task: str = "dialogue"):
+        turns: list[Turn] = []
+        for k, (_, q, a) in enumerate(qas):
             turns += [_user(f"{IMAGE_TOKEN}\n{q}" if k == 0 else q), Turn.of_text("assistant", a)]
-            answers.append(a)
-        meta = {"task": "dialogue", "question_type": "dialogue", "answer": answers[-1], "answers": answers,
-                "question_types": chosen, "scene": scene}  # fmt: skip
+        answers = [a for _, _, a in qas]
+        meta = {"task": task, "question_type": task, "answer": answers[-1], "answers": answers,
+                "question_types": [t for t, _, _ in qas], "scene": scene}  # fmt: skip
         self.rows.append(Sample(sid, turns, [ImageRef(path=image)], meta))
 
     def compare(self, sid, img_a, scene_a, img_b, scene_b, rng) -> bool:
@@ -529,7 +563,7 @@ class _RowMaker:
 
 
 def _scene_rng(seed: int, split: str, index: int, what: str) -> random.Random:
-    return random.Random(f"shapes-v{VERSION}:{seed}:{split}:{what}:{index}")
+    return random.Random(f"shapes-v{SCENE_STREAM}:{seed}:{split}:{what}:{index}")
 
 
 def _train_rows(mk: _RowMaker, index: int, image: str, scene: dict, rng: random.Random) -> None:
@@ -554,6 +588,7 @@ def _train_rows(mk: _RowMaker, index: int, image: str, scene: dict, rng: random.
         mk.dialogue(f"{sid}-dlg", image, scene, rng)
     if rng.random() < 0.5:
         mk.preference(f"{sid}-pref", image, scene, rng)
+    mk.drill(f"{sid}-drill", image, scene, rng)
 
 
 def _test_rows(mk: _RowMaker, index: int, image: str, scene: dict, rng: random.Random) -> None:
