@@ -106,8 +106,32 @@ def prepare_model(recipe: Recipe, sources: dict, data_dir: Path, out_dir: Path, 
         print(f"no complete checkpoint under {out_dir / 'checkpoints'}: starting from scratch")
         truncate_metrics(out_dir / "metrics.jsonl", 0)
     tokenizer = build_tokenizer(recipe, sources, data_dir, out_dir) if not recipe.model.init_from else None
-    seed_everything(recipe.seed)  # the same init whether or not the world/tokenizer were cached
+    if recipe.model.vision.pretrain is not None and not recipe.model.init_from:
+        recipe = with_pretrained_encoder(recipe, data_dir, out_dir / "encoder")
+    seed_everything(recipe.seed)  # the same init whether or not the world/tokenizer/encoder were cached
     return build_model(recipe, tokenizer)
+
+
+def with_pretrained_encoder(recipe: Recipe, data_dir: Path, encoder_dir: Path) -> Recipe:
+    """Pre-train the preset encoder (``model.vision.pretrain``), or reuse the one already in
+    ``encoder_dir``; the returned recipe loads it like any pretrained encoder."""
+    from vlmkit.models.vision import PRESETS
+    from vlmkit.train.encoder_pretrain import pretrain_encoder
+
+    vision = recipe.model.vision
+    if vision.name not in PRESETS:
+        raise ConfigError(
+            f"model.vision.pretrain: only the presets {list(PRESETS)} are pre-trained here; "
+            f"{vision.name!r} is loaded with its own pre-trained weights"
+        )
+    if not (data_dir / "world.json").is_file():
+        raise ConfigError(f"model.vision.pretrain: needs the shapes world's scene labels; {data_dir} has no world.json")
+    p = vision.pretrain
+    accuracy = pretrain_encoder(data_dir, encoder_dir, vision, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+                                seed=recipe.seed)  # fmt: skip
+    print(f"encoder pre-trained ({p.steps} steps): held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    pretrained = vision.model_copy(update={"name": str(encoder_dir), "pretrain": None})
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"vision": pretrained})})
 
 
 def make_encoder(recipe: Recipe, model, tokenizer):
