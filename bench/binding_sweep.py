@@ -7,7 +7,9 @@ the same held-out VQA and POPE items, with and without images. One JSON line per
 
     python bench/binding_sweep.py --data runs/demo/world --out runs/sweep [--variants a,b] [--limit 700]
 
-The figures and what they show are in docs/binding.md.
+The figures and what they show are in docs/binding.md. Variants are changes to the shipped
+recipe as it is now; the variants of that page's earlier sections changed the recipe of its
+time (commit 7c36aef) and are described there.
 """
 
 from __future__ import annotations
@@ -39,17 +41,45 @@ def stage(tree: dict, name: str) -> dict:
     return next(s for s in tree["stages"] if s["name"] == name)
 
 
-def without_align(tree: dict) -> dict:
-    """No frozen-LM caption alignment; its steps go to instruction tuning."""
-    steps = stage(tree, "align")["steps"]
-    tree["stages"] = [s for s in tree["stages"] if s["name"] != "align"]
+TEXT_WARMUP = {
+    "name": "lm_warmup", "data": {"text": 1.0}, "trainable": ["llm"], "lr": {"llm": 3.0e-3},
+    "batch_size": 32, "steps": 400, "warmup_steps": 30, "max_seq_len": 192,
+}  # fmt: skip
+
+
+def text_warmup_first(tree: dict) -> dict:
+    """A 400-step text-only LM warm-up (the LLM alone) before the binding drills."""
+    tree["stages"].insert(0, copy.deepcopy(TEXT_WARMUP))
+    return tree
+
+
+def no_bind(tree: dict) -> dict:
+    """No binding-drill stage; its steps go to instruction tuning (drills stay in that mixture)."""
+    steps = stage(tree, "bind")["steps"]
+    tree["stages"] = [s for s in tree["stages"] if s["name"] != "bind"]
     stage(tree, "instruct")["steps"] += steps
     return tree
 
 
-def captions_in_warmup(tree: dict) -> dict:
-    """The LM warm-up also learns to caption (encoder frozen), so alignment has a captioner to align to."""
-    stage(tree, "lm_warmup")["data"] = {"text": 0.5, "captions": 0.5}
+def bind_with_counting(tree: dict) -> dict:
+    """The binding stage mixes drills with single VQA questions (counting among them) 1:1."""
+    stage(tree, "bind")["data"] = {"drills": 0.5, "vqa": 0.5}
+    return tree
+
+
+def encoder_in_instruct(tree: dict) -> dict:
+    """Instruction tuning trains the encoder too."""
+    s = stage(tree, "instruct")
+    s["trainable"] = ["vision", "connector", "llm"]
+    s["lr"] = {"vision": 2e-3, **s["lr"]}
+    return tree
+
+
+def without_align(tree: dict) -> dict:
+    """No caption pre-training; its steps go to instruction tuning."""
+    steps = stage(tree, "align")["steps"]
+    tree["stages"] = [s for s in tree["stages"] if s["name"] != "align"]
+    stage(tree, "instruct")["steps"] += steps
     return tree
 
 
@@ -71,32 +101,14 @@ def higher_lr(tree: dict) -> dict:
     return tree
 
 
-def caption_pretrain(tree: dict) -> dict:
-    """Alignment trains everything (encoder, connector and LM) on captions instead of a frozen LM."""
-    s = stage(tree, "align")
-    s["trainable"] = ["vision", "connector", "llm"]
-    s["lr"] = {"vision": 2e-3, "connector": 2e-3, "llm": 2e-3}
-    s["steps"] = 500
-    stage(tree, "instruct")["steps"] -= 300
-    return tree
-
-
 def wide(tree: dict) -> dict:
     """A wider LM: hidden 256, 4 heads of 64, MLP 768 (about 4M parameters in all)."""
     tree["model"]["llm"].setdefault("overrides", {}).update(hidden_size=256, intermediate_size=768)
     return tree
 
 
-def focus(tree: dict) -> dict:
-    """Instruction tuning on VQA-heavy mixtures with twice the batch: more signal per question type."""
-    s = stage(tree, "instruct")
-    s["data"] = {"vqa": 0.8, "pope": 0.1, "text": 0.05, "captions": 0.05}
-    s["batch_size"] = 64
-    return tree
-
-
-VARIANTS = {f.__name__: f for f in (base, without_align, captions_in_warmup, output_norm, eight_heads, higher_lr,
-                                    caption_pretrain, wide, focus)}
+VARIANTS = {f.__name__: f for f in (base, text_warmup_first, no_bind, bind_with_counting, encoder_in_instruct,
+                                    without_align, output_norm, eight_heads, higher_lr, wide)}
 
 
 def build_variant(name: str, tree: dict) -> dict:
