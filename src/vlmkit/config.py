@@ -35,26 +35,79 @@ class EncoderPretrainConfig(StrictModel):
     lr: float = Field(2e-3, gt=0)
 
 
+class FusedEncoderConfig(StrictModel):
+    """A further encoder run on the same image and fused channel-wise with the main one
+    (Prismatic VLMs' DINOv2 + SigLIP). It sees the same pixels, re-normalised with its own
+    statistics; its feature grid is interpolated to the main encoder's grid."""
+
+    name: str  # a preset or a hub name / local path
+    feature_layer: int | list[int] | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
 class VisionConfig(StrictModel):
     """The image encoder: a preset built from a config (random weights), or any HF vision model.
 
     ``name`` is a preset (``tiny-cnn``, ``tiny-vit``) or a hub name / local path.
+    ``feature_layer`` is an index into the model's hidden states, or a list of indices whose
+    features are concatenated channel-wise; None takes the family's default.
     """
 
     name: str = "tiny-cnn"
     image_size: int = Field(64, gt=0)
-    feature_layer: int | None = None  # None: the family's default (-2 for ViTs, -1 for CNNs)
+    feature_layer: int | list[int] | None = None  # None: the family's default (-2 for ViTs, -1 for CNNs)
     preprocess: Literal["resize", "letterbox", "resize-crop"] = "resize"
     overrides: dict[str, Any] = Field(default_factory=dict)  # HF config fields for presets
     pretrain: EncoderPretrainConfig | None = None  # presets only: pre-train on the world first
+    fused: list[FusedEncoderConfig] = Field(default_factory=list)  # further encoders, fused channel-wise
+
+    @field_validator("feature_layer")
+    @classmethod
+    def _layers(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("feature_layer: an empty list selects no layer")
+        return v
 
 
 class ConnectorConfig(StrictModel):
-    """Maps vision features to the LLM width. ``type`` is a key of models.connectors.CONNECTORS."""
+    """Maps vision features to the LLM. ``type`` is a key of models.connectors.CONNECTORS
+    (``linear``, ``mlpNx_gelu``, ``perceiver``, ``qformer``).
+
+    Order of operations: pool (``pool_tokens``) -> pixel shuffle -> projector -> output norm.
+    ``fusion`` says how the LLM reads the result: ``splice`` puts the image embeddings in place
+    of ``<image>`` tokens (LLaVA); ``cross_attention`` keeps one ``<image>`` marker token per
+    image and lets gated cross-attention blocks (Flamingo) read the embeddings.
+    """
 
     type: str = "mlp2x_gelu"
     pixel_shuffle: int = Field(1, ge=1)  # factor s: s*s fewer tokens, each s*s times wider
+    pool_tokens: int | None = Field(None, gt=0)  # average-pool the square grid to this many tokens
+    num_queries: int = Field(64, gt=0)  # perceiver latents / Q-Former queries (tokens per image)
+    num_layers: int = Field(2, gt=0)  # perceiver / Q-Former blocks
+    num_heads: int = Field(4, gt=0)  # attention heads in perceiver / Q-Former / cross-attention
     output_norm: bool = False  # RMS-normalise connector outputs to the LLM's embedding scale
+    fusion: Literal["splice", "cross_attention"] = "splice"
+    cross_attention_every: int = Field(1, gt=0)  # a gated block before every k-th decoder layer
+    # which images a text token may attend to: the last one before it (Flamingo) or all before it
+    cross_attention_media: Literal["last", "all"] = "last"
+
+
+class TilingConfig(StrictModel):
+    """High-resolution input as several encoder-sized tiles (data.tiling).
+
+    * ``anyres`` (LLaVA-NeXT): pick the best canvas from ``grid_pinpoints`` ([height, width] in
+      pixels, multiples of the encoder's ``image_size``), cut it into tiles, add a global
+      thumbnail; the model strips the padding from the feature map and ends each row of
+      features with a learned newline embedding.
+    * ``split`` (Idefics3 / SmolVLM): resize so the longest side is at most ``max_side``
+      (rounded up to whole tiles), cut into tiles, add a global thumbnail; every tile is
+      preceded by a ``<row_i_col_j>`` marker token and the thumbnail by ``<global-img>``.
+    """
+
+    mode: Literal["anyres", "split"]
+    grid_pinpoints: list[tuple[int, int]] | None = None  # anyres; None: 1x1 .. 2x2 tiles and 1x3/3x1
+    max_side: int | None = Field(None, gt=0)  # split; None: 4 tiles on the longest side
+    newline: bool = True  # anyres: learned newline embedding at the end of each feature row
 
 
 class LLMConfig(StrictModel):
@@ -71,10 +124,14 @@ class ModelConfig(StrictModel):
     vision: VisionConfig = Field(default_factory=VisionConfig)
     connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    tiling: TilingConfig | None = None  # None: one encoder-sized image per image
     # "tiny": a byte-level BPE trained on the data's text; otherwise the LLM's own tokenizer
     tokenizer: str = "tiny"
     tokenizer_vocab_size: int = Field(1024, gt=64)
     init_from: str | None = None  # a vlmkit checkpoint directory to start from
+    # with init_from: copy only these parts' weights (e.g. [vision, llm] to try a new
+    # connector on shared pre-trained parts); None copies the whole checkpoint
+    init_parts: list[Literal["vision", "connector", "llm"]] | None = None
 
 
 # ------------------------------------------------------------------ data
@@ -86,6 +143,8 @@ class DataSource(StrictModel):
     path: str
     format: Literal["llava"] = "llava"
     tasks: list[str] | None = None  # keep only samples whose meta.task is listed
+    # text-only copies: images and their placeholders removed (LM warm-up, blind baselines)
+    drop_images: bool = False
 
 
 # ------------------------------------------------------------------ training

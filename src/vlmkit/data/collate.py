@@ -15,14 +15,18 @@ def collate(
     pad_id: int,
     padding_side: Literal["right", "left"] = "right",
     pad_to_multiple_of: int | None = None,
+    image_layouts: list | None = None,
 ) -> dict:
     """Pad ``items`` into a batch.
 
     Returns ``input_ids`` [B,T] (``pad_id`` on padding), ``attention_mask`` [B,T] (1 on real
-    tokens), ``labels`` [B,T] (-100 on padding), ``pixel_values`` [N,3,S,S] or None, and
-    ``sample_ids`` (a list). ``pixel_values`` must hold one tensor per image, in the order the
-    image tokens appear, item by item; their count must equal ``sum(item.n_images)`` (checked when
-    every item has ``n_images``; duck-typed prompt records without it are trusted).
+    tokens), ``labels`` [B,T] (-100 on padding), ``pixel_values`` [N,3,S,S] or None,
+    ``image_layouts`` (one ``TileLayout`` per image, or None) and ``sample_ids`` (a list).
+    ``pixel_values`` must hold one tensor per image, in the order the image tokens appear, item
+    by item: ``[3,S,S]``, or ``[K,3,S,S]`` for an image cut into K tiles (the tiles are
+    concatenated, and ``image_layouts`` says which belong to which image). Their count must
+    equal ``sum(item.n_images)`` (checked when every item has ``n_images``; duck-typed prompt
+    records without it are trusted).
     Right padding is for training, left padding for batched generation.
     """
     if not items:
@@ -57,12 +61,17 @@ def collate(
             raise ValueError(
                 f"the batch's tokens refer to {n_images} image(s) but {given} pixel tensor(s) were given"
             )
-    pixels = torch.stack(list(pixel_values)) if given else None
+    if image_layouts is None and any(getattr(it, "image_layouts", None) for it in items):
+        image_layouts = [lay for it in items for lay in (getattr(it, "image_layouts", None) or [])]
+    if image_layouts is not None and len(image_layouts) != given:
+        raise ValueError(f"{len(image_layouts)} image layouts for {given} image(s)")
+    pixels = torch.cat([p if p.ndim == 4 else p.unsqueeze(0) for p in pixel_values]) if given else None
 
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "pixel_values": pixels,
+        "image_layouts": list(image_layouts) if image_layouts is not None and given else None,
         "sample_ids": [it.sample_id for it in items],
     }

@@ -59,6 +59,8 @@ def load_sources(
             samples = [s for s in samples if s.meta.get("task") in src.tasks]
         if not samples:
             raise ConfigError(f"data.{name}: no samples in {path} (tasks filter: {src.tasks})")
+        if src.drop_images:
+            samples = [s.without_images() for s in samples]
         samples = [replace(s, meta={**s.meta, "source": name}) for s in samples]
         out[name] = SourceData(name, path, path.parent, samples)
     return out
@@ -101,25 +103,44 @@ class SampleEncoder:
         return other
 
     def encode(self, sample: Sample, root: str | Path):
-        encoded = self._encode_text(sample)
-        pixels = [self.image(sample.images[i], root) for i in sample.image_order()]
-        return encoded, pixels
+        """``(Encoded, pixels)``: pixels per image in placeholder order. With an ``ImagePipeline``
+        as processor, each image's tensor is its tiles ``[K, 3, S, S]`` and ``Encoded.image_layouts``
+        holds the layouts; the images are then prepared first, since their sizes decide how many
+        tokens each placeholder becomes."""
+        from vlmkit.data.image_pipeline import ImageInput
+
+        order = sample.image_order()
+        if not order or not self._tiled():
+            encoded = self._encode_text(sample, self.tokens_per_image)
+            return encoded, [self.image(sample.images[i], root) for i in order]
+        inputs: list[ImageInput] = [self.image(sample.images[i], root) for i in order]
+        layouts = [im.layout for im in inputs]
+        encoded = self._encode_text(sample, [self.processor.segments(lay) for lay in layouts])
+        return replace(encoded, image_layouts=layouts), [im.pixels for im in inputs]
 
     __call__ = encode
 
-    def _encode_text(self, sample: Sample):
+    def _tiled(self) -> bool:
+        from vlmkit.data.image_pipeline import ImagePipeline
+
+        return isinstance(self.processor, ImagePipeline)
+
+    def _encode_text(self, sample: Sample, tokens_per_image):
         from vlmkit.data.template import LabelMaskingError, turn_content
 
         # keyed by everything the encoding depends on, so equal keys give equal encodings
+        per_image = tokens_per_image if isinstance(tokens_per_image, int) else tuple(
+            e if isinstance(e, int) else tuple(e) for e in tokens_per_image)  # fmt: skip
         key = (
             sample.id,
             len(sample.images),
             tuple((t.role, turn_content(t)) for t in sample.turns),
+            per_image,
         )
         cached = self._text_cache.get(key)
         if cached is None:
             try:
-                cached = self.template.encode_for_training(sample, self.tokens_per_image, None)
+                cached = self.template.encode_for_training(sample, tokens_per_image, None)
             except LabelMaskingError as err:
                 raise BadSampleError("label_masking", str(err)) from err
             if self.text_cache_size > 0:

@@ -22,6 +22,10 @@ from vlmkit.data.tokenizer import IMAGE
 
 IGNORE_INDEX = -100
 
+# How many image tokens each image gets: one count for all, or per image a count or a list of
+# (marker token or None, count) segments -- see ``ChatTemplate._expand``.
+ImageTokens = int | Sequence[int | Sequence[tuple[str | None, int]]]
+
 # Used once, at construction, to find the template's end-of-turn token.
 _PROBE_USER = "Hello"
 _PROBE_ANSWER = "Fine"
@@ -43,6 +47,7 @@ class Encoded:
     labels: list[int]
     n_images: int
     sample_id: str | None = None
+    image_layouts: list | None = None  # one TileLayout per image when images are tiled
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -147,31 +152,48 @@ class ChatTemplate:
     # ------------------------------------------------------------------ encoding
 
     def _expand(
-        self, ids: list[int], labels: list[int] | None, tokens_per_image: int | list[int]
+        self, ids: list[int], labels: list[int] | None, tokens_per_image: ImageTokens
     ) -> tuple[list[int], list[int] | None, int]:
+        """Replace each ``<image>`` placeholder by its image tokens (never a loss on them).
+
+        ``tokens_per_image`` is one count for every image, or one entry per image: a count, or
+        a list of segments ``(marker, count)`` -- an optional marker token (e.g. Idefics3's
+        ``<row_1_col_2>``, None for none) followed by ``count`` image tokens.
+        """
         n_images = sum(1 for i in ids if i == self._image_id)
-        if isinstance(tokens_per_image, int):
-            counts = [tokens_per_image] * n_images
-        else:
-            counts = list(tokens_per_image)
-            if len(counts) != n_images:
-                raise ValueError(f"tokens_per_image lists {len(counts)} counts for {n_images} image(s)")
-        if any(c < 1 for c in counts):
-            raise ValueError(f"tokens_per_image must be >= 1, got {counts}")
+        per_image = [tokens_per_image] * n_images if isinstance(tokens_per_image, int) else list(tokens_per_image)
+        if len(per_image) != n_images:
+            raise ValueError(f"tokens_per_image lists {len(per_image)} entries for {n_images} image(s)")
+        expansions = [self._image_run(entry) for entry in per_image]
         out_ids: list[int] = []
         out_labels: list[int] | None = [] if labels is not None else None
         k = 0
         for pos, tok in enumerate(ids):
             if tok == self._image_id:
-                out_ids.extend([tok] * counts[k])
+                out_ids.extend(expansions[k])
                 if out_labels is not None:
-                    out_labels.extend([IGNORE_INDEX] * counts[k])
+                    out_labels.extend([IGNORE_INDEX] * len(expansions[k]))
                 k += 1
             else:
                 out_ids.append(tok)
                 if out_labels is not None:
                     out_labels.append(labels[pos])
         return out_ids, out_labels, n_images
+
+    def _image_run(self, entry) -> list[int]:
+        """The ids one image's placeholder expands to (see ``_expand``)."""
+        segments = [(None, entry)] if isinstance(entry, int) else list(entry)
+        run: list[int] = []
+        for marker, count in segments:
+            if count < 1:
+                raise ValueError(f"tokens_per_image must be >= 1, got {count}")
+            if marker is not None:
+                marker_id = self.tokenizer.convert_tokens_to_ids(marker)
+                if marker_id is None or marker_id == self.tokenizer.unk_token_id or self._ids(marker) != [marker_id]:
+                    raise ValueError(f"the tokenizer has no single {marker!r} token (add the tiling markers)")
+                run.append(marker_id)
+            run.extend([self._image_id] * count)
+        return run
 
     def _labels(self, sample: Sample) -> tuple[list[int], list[int]]:
         """Token ids of the whole conversation (``<image>`` not yet expanded) and their labels."""
@@ -223,7 +245,7 @@ class ChatTemplate:
         return ids, labels
 
     def encode_for_training(
-        self, sample: Sample, tokens_per_image: int | list[int], max_len: int | None = None
+        self, sample: Sample, tokens_per_image: ImageTokens, max_len: int | None = None
     ) -> Encoded:
         """Ids and labels for one sample: loss on each assistant turn's text and its end token.
 
@@ -243,7 +265,7 @@ class ChatTemplate:
             raise BadSampleError("too_long", f"{len(ids)} tokens > {max_len}")
         return Encoded(input_ids=ids, labels=labels, n_images=n_images, sample_id=sample.id)
 
-    def encode_prompt(self, turns: Sequence[Turn], tokens_per_image: int | list[int]) -> list[int]:
+    def encode_prompt(self, turns: Sequence[Turn], tokens_per_image: ImageTokens) -> list[int]:
         """The generation prompt for ``turns``: ends with the assistant header, images expanded."""
         if not turns:
             raise ValueError("encode_prompt needs at least one turn")

@@ -59,6 +59,7 @@ def generate(
     top_p: float = 1.0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    image_layouts=None,
 ) -> list[list[int]]:
     """New token ids per row, stop token excluded. ``use_cache=False`` recomputes the whole
     sequence each step (slow; for checking the cached path)."""
@@ -68,10 +69,19 @@ def generate(
         raise ValueError("generate needs left-padded prompts: every row must end with a real token")
     llm = model.llm
     emb_layer = llm.get_input_embeddings()
-    b = input_ids.shape[0]
     stops = set(int(t) for t in stop_token_ids)
 
-    embeds = model.embed(input_ids, pixel_values)
+    embeds = model.embed(input_ids, pixel_values, image_layouts=image_layouts)
+    with model.reading_images(input_ids, pixel_values) as advance:
+        return _decode(llm, emb_layer, input_ids, embeds, attention_mask, advance, max_new_tokens,
+                       stops, temperature, top_p, use_cache, generator)  # fmt: skip
+
+
+def _decode(llm, emb_layer, input_ids, embeds, attention_mask, advance, max_new_tokens, stops,
+            temperature, top_p, use_cache, generator) -> list[list[int]]:  # fmt: skip
+    """The loop of ``generate``; ``advance`` tells cross-attention blocks about the new tokens."""
+    b = input_ids.shape[0]
+    ids = input_ids
     mask = attention_mask.long()
     positions = position_ids_from_mask(mask)
     cache = DynamicCache(config=llm.config) if use_cache else None
@@ -102,6 +112,8 @@ def generate(
         next_pos = mask.sum(-1, keepdim=True)  # real tokens so far = the next position
         next_emb = emb_layer(nxt.unsqueeze(-1))
         mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        ids = torch.cat([ids, nxt.unsqueeze(-1)], dim=1)
+        advance(nxt.unsqueeze(-1), whole=None if use_cache else ids)
         if use_cache:
             out = llm(
                 inputs_embeds=next_emb,

@@ -14,7 +14,8 @@ import torch
 
 from vlmkit.data.bad_samples import BadSampleError
 from vlmkit.data.collate import collate
-from vlmkit.data.images import ImageProcessor, load_image
+from vlmkit.data.image_pipeline import ImageInput, ImagePipeline
+from vlmkit.data.images import load_image
 from vlmkit.data.sample import Sample
 from vlmkit.data.template import IGNORE_INDEX, ChatTemplate, Encoded
 
@@ -47,13 +48,8 @@ class VLMPredictor:
         self.model = model.eval()
         self.template = ChatTemplate(tokenizer)
         self.image_root = Path(image_root) if image_root is not None else None
-        vision_cfg = model.config.vision
-        self.processor = ImageProcessor(
-            size=vision_cfg.image_size,
-            mean=model.vision.image_mean,
-            std=model.vision.image_std,
-            mode=vision_cfg.preprocess,
-        )
+        self.pipeline = ImagePipeline.for_model(model)
+        self.processor = self.pipeline.processor
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -63,22 +59,24 @@ class VLMPredictor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def pixels(self, sample: Sample) -> list[torch.Tensor]:
-        """The sample's images as pixel tensors, in the order their placeholders appear."""
-        return [
-            self.processor(load_image(sample.images[i], self.image_root)) for i in sample.image_order()
-        ]
+    def images(self, sample: Sample) -> list[ImageInput]:
+        """The sample's images (tiles and layout each), in the order their placeholders appear."""
+        return [self.pipeline(load_image(sample.images[i], self.image_root)) for i in sample.image_order()]
 
     @torch.no_grad()
     def __call__(self, samples: list[Sample]) -> list[str]:
         if not samples:
             return []
-        items, pixels = [], []
+        items, pixels, layouts = [], [], []
         for s in samples:
-            ids = self.template.encode_prompt(s.prompt_turns(), self.model.tokens_per_image)
-            items.append(Encoded(ids, [IGNORE_INDEX] * len(ids), len(s.image_order()), s.id))
-            pixels.extend(self.pixels(s))
-        batch = collate(items, pixels or None, self.template.pad_token_id, padding_side="left")
+            images = self.images(s)
+            segments = [self.pipeline.segments(im.layout) for im in images]
+            ids = self.template.encode_prompt(s.prompt_turns(), segments)
+            items.append(Encoded(ids, [IGNORE_INDEX] * len(ids), len(images), s.id))
+            pixels.extend(im.pixels for im in images)
+            layouts.extend(im.layout for im in images)
+        batch = collate(items, pixels or None, self.template.pad_token_id, padding_side="left",
+                        image_layouts=layouts or None)  # fmt: skip
         dev = self.device
         pixel_values = batch["pixel_values"].to(dev) if batch["pixel_values"] is not None else None
         with _autocast(dev):
@@ -91,6 +89,7 @@ class VLMPredictor:
                 temperature=self.temperature,
                 top_p=self.top_p,
                 generator=self.generator if self.temperature > 0 else None,
+                image_layouts=batch["image_layouts"],
             )
         return [self.template.decode(ids) for ids in out]
 

@@ -6,6 +6,8 @@ tokens in the text; images are taken in order, row by row.
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,7 +16,17 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from vlmkit.config import ModelConfig
+from vlmkit.data import tiling
+from vlmkit.data.tiling import TileLayout
 from vlmkit.models.connectors import build_connector
+from vlmkit.models.cross_attention import (
+    CrossAttentionAdapter,
+    CrossAttentionDecoderLayer,
+    decoder_layers,
+    group_media,
+    insert_cross_attention,
+    media_index_from_ids,
+)
 from vlmkit.models.vision import VisionEncoder, build_vision_encoder
 from vlmkit.train.losses import next_token_loss
 
@@ -119,6 +131,42 @@ def build_llm(model_cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     return llm
 
 
+def _adapter_of(llm: PreTrainedModel, mode: str) -> CrossAttentionAdapter:
+    """The adapter over the cross-attention blocks already inside ``llm``'s decoder layers."""
+    wrapped = [(i, layer) for i, layer in enumerate(decoder_layers(llm)) if isinstance(layer, CrossAttentionDecoderLayer)]
+    return CrossAttentionAdapter([layer.xattn for _, layer in wrapped], [i for i, _ in wrapped], mode,
+                                 wrapped[0][1]._media_slot)  # fmt: skip
+
+
+def _runs(flags: torch.Tensor) -> list[int]:
+    """Lengths of the runs of True in a 1-D bool tensor, left to right."""
+    runs, n = [], 0
+    for f in flags.tolist():
+        if f:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    if n:
+        runs.append(n)
+    return runs
+
+
+def add_marker_tokens(tokenizer, model_cfg: ModelConfig) -> int:
+    """Add the tiling marker tokens ``model_cfg`` needs (``split`` mode) to ``tokenizer``, as
+    special tokens; returns how many were added."""
+    t = model_cfg.tiling
+    if t is None or t.mode != "split":
+        return 0
+    per_side = -(-(t.max_side or 4 * model_cfg.vision.image_size) // model_cfg.vision.image_size)
+    markers = tiling.split_marker_tokens(per_side, per_side)
+    vocab = tokenizer.get_vocab()
+    missing = [m for m in markers if m not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    return len(missing)
+
+
 def image_token_id_of(tokenizer) -> int:
     tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
@@ -129,7 +177,23 @@ def image_token_id_of(tokenizer) -> int:
 # ---------------------------------------------------------------------- the model
 
 
+class ImageNewline(nn.Module):
+    """LLaVA-NeXT's learned embedding appended after each row of a tiled image's features, so
+    the LLM can tell where a row of the (unpadded) feature map ends."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(torch.randn(dim) / dim**0.5)
+
+
 class VisionLanguageModel(nn.Module):
+    """Vision encoder -> connector -> causal LM.
+
+    ``fusion: splice`` (LLaVA): each image's embeddings replace its ``<image>`` tokens.
+    ``tokens_per_tile`` is what one encoder-sized image costs after the connector; with
+    ``model.tiling`` an image is several tiles and costs ``image_segments(layout)`` tokens.
+    """
+
     def __init__(
         self,
         config: ModelConfig,
@@ -144,11 +208,50 @@ class VisionLanguageModel(nn.Module):
         self.connector = connector
         self.llm = llm
         self.image_token_id = int(image_token_id)
-        self.tokens_per_image = int(connector.num_output_tokens(vision.num_tokens))
+        self.tokens_per_tile = int(connector.num_output_tokens(vision.num_tokens))
+        c = config.connector
+        self.cross_attention: CrossAttentionAdapter | None = None
+        if c.fusion == "cross_attention":
+            if config.tiling is not None:
+                raise ValueError("model.tiling: tiled images are not supported with connector.fusion=cross_attention")
+            if not any(isinstance(m, CrossAttentionDecoderLayer) for m in decoder_layers(llm)):
+                insert_cross_attention(llm, c.cross_attention_every, c.num_heads, c.cross_attention_media)
+            # not a registered submodule: its blocks already live in the LLM's layers (``*.xattn.*``)
+            self.__dict__["cross_attention"] = _adapter_of(llm, c.cross_attention_media)
+        tiling = config.tiling
+        self.newline = None
+        if tiling is not None:
+            side = math.isqrt(self.tokens_per_tile)
+            if tiling.mode == "anyres" and c.type in ("perceiver", "qformer"):
+                raise ValueError(
+                    f"model.tiling: anyres lays tile features out on a grid; connector.type {c.type!r} "
+                    "gives learned queries, not a grid (use split tiling, or a grid connector)"
+                )
+            if tiling.mode == "anyres" and side * side != self.tokens_per_tile:
+                raise ValueError(
+                    f"model.tiling: anyres needs a square grid of tokens per tile, the connector gives "
+                    f"{self.tokens_per_tile}"
+                )
+            if tiling.mode == "anyres" and tiling.newline:
+                self.newline = ImageNewline(llm.config.get_text_config().hidden_size)
+
+    @property
+    def fuses_by_cross_attention(self) -> bool:
+        return self.cross_attention is not None
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Text tokens of one untiled image (the template's expansion of a plain ``<image>``):
+        its embeddings, or one marker token with cross-attention fusion."""
+        return 1 if self.fuses_by_cross_attention else self.tokens_per_tile
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, tokenizer) -> "VisionLanguageModel":
-        """Build vision encoder, connector and LLM from the config (presets: random weights)."""
+        """Build vision encoder, connector and LLM from the config (presets: random weights).
+
+        Tiling marker tokens (``split`` mode) missing from ``tokenizer`` are added to it first.
+        """
+        add_marker_tokens(tokenizer, model_cfg)
         image_token_id = image_token_id_of(tokenizer)
         vision = build_vision_encoder(model_cfg.vision)
         llm = build_llm(model_cfg, tokenizer)
@@ -161,7 +264,17 @@ class VisionLanguageModel(nn.Module):
         return cls(model_cfg, vision, connector, llm, image_token_id)
 
     def parts(self) -> dict[str, nn.Module]:
-        return {"vision": self.vision, "connector": self.connector, "llm": self.llm}
+        """Trainable parts by name. The connector part is everything that maps image features
+        into the LLM: the connector and, with anyres tiling, the row-end embedding."""
+        bridge = [self.connector, self.newline]
+        if self.cross_attention is not None:
+            bridge.append(self.cross_attention.blocks)
+        return {"vision": self.vision, "connector": nn.ModuleList([m for m in bridge if m is not None]),
+                "llm": self.llm}  # fmt: skip
+
+    def added_to_llm(self) -> list[str]:
+        """Full names of parameters that vlmkit inserted into the LLM (cross-attention blocks)."""
+        return [f"llm.{n}" for n, _ in self.llm.named_parameters() if ".xattn." in n]
 
     @property
     def device(self) -> torch.device:
@@ -169,55 +282,179 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ images
 
+    def image_segments(self, layout: TileLayout | None = None) -> int | list[tuple[str | None, int]]:
+        """What one image's ``<image>`` placeholder expands to (see ``ChatTemplate._expand``)."""
+        k = self.tokens_per_tile
+        if self.fuses_by_cross_attention:
+            return 1  # the marker; the embeddings reach the LLM through cross-attention
+        if layout is None or layout.mode == "single":
+            return k
+        if layout.mode == "anyres":
+            return tiling.anyres_num_tokens(layout, math.isqrt(k), newline=self.newline is not None)
+        return tiling.split_segments(layout, k)
+
+    def image_token_count(self, layout: TileLayout | None = None) -> int:
+        """How many ``<image>`` tokens (markers excluded) one image with ``layout`` fills."""
+        seg = self.image_segments(layout)
+        return seg if isinstance(seg, int) else sum(n for _, n in seg)
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, S, S]`` -> ``[N, tokens_per_image, D]`` in the LLM's embedding dtype."""
+        """Tiles ``[N, 3, S, S]`` -> ``[N, tokens_per_tile, D]`` in the LLM's embedding dtype."""
         feats = self.connector(self.vision(pixel_values))
         return feats.to(self.llm.get_input_embeddings().weight.dtype)
 
+    def image_features(
+        self, pixel_values: torch.Tensor, layouts: Sequence[TileLayout] | None = None
+    ) -> list[torch.Tensor]:
+        """Per image, the ``[n_i, D]`` embeddings its image tokens receive, in token order.
+
+        ``pixel_values`` holds every image's tiles back to back (``layout.n_tiles`` each; one
+        per image without layouts). Anyres: thumbnail, then the tile grid's feature map with the
+        padding removed and a newline embedding after each row (LLaVA-NeXT). Split: each tile in
+        row-major order, then the thumbnail (Idefics3); the marker tokens between them are text.
+        """
+        tiles = self.encode_images(pixel_values)  # [sum K, k, D]
+        if layouts is None:
+            return list(tiles)
+        if sum(lay.n_tiles for lay in layouts) != tiles.shape[0]:
+            raise ImageTokenMismatch(
+                f"{tiles.shape[0]} tiles were given but the layouts describe {sum(l.n_tiles for l in layouts)}"
+            )
+        out, at = [], 0
+        for lay in layouts:
+            own = tiles[at : at + lay.n_tiles]
+            at += lay.n_tiles
+            if lay.mode == "anyres":
+                out.append(self._anyres_features(own, lay))
+            else:
+                out.append(own.reshape(-1, own.shape[-1]))
+        return out
+
+    def _anyres_features(self, tiles: torch.Tensor, lay: TileLayout) -> torch.Tensor:
+        k, d = tiles.shape[1], tiles.shape[2]
+        side = math.isqrt(k)
+        thumb, grid = tiles[0], tiles[1:]  # [k, D], [rows*cols, k, D]
+        # [rows, cols, side, side, D] -> [rows, side, cols, side, D] -> [rows*side, cols*side, D]
+        fmap = grid.reshape(lay.rows, lay.cols, side, side, d).permute(0, 2, 1, 3, 4)
+        fmap = tiling.unpad_features(fmap.reshape(lay.rows * side, lay.cols * side, d), lay.original_size)
+        if self.newline is not None:
+            nl = self.newline.embedding.to(fmap.dtype).expand(fmap.shape[0], 1, d)
+            fmap = torch.cat([fmap, nl], dim=1)  # [h, w + 1, D]
+        return torch.cat([thumb, fmap.reshape(-1, d)], dim=0)
+
+    def _image_runs(self, layout: TileLayout | None) -> list[int]:
+        """The runs of consecutive image tokens one image fills (split mode: one per tile)."""
+        seg = self.image_segments(layout)
+        return [seg] if isinstance(seg, int) else [n for _, n in seg]
+
     def _check_image_tokens(
-        self, is_img: torch.Tensor, n_images: int, sample_ids: Sequence | None
+        self, is_img: torch.Tensor, layouts: list[TileLayout | None], sample_ids: Sequence | None
     ) -> None:
-        k = self.tokens_per_image
+        """Each row's runs of image tokens must be filled by whole images, taken in order.
+
+        A run may hold several images back to back (``<image><image>``), never part of one.
+        """
         rows = is_img.shape[0]
         ids = list(sample_ids) if sample_ids is not None else [f"row {i}" for i in range(rows)]
+        expected = [run for lay in layouts for run in self._image_runs(lay)]
+        image_of_run = [i for i, lay in enumerate(layouts) for _ in self._image_runs(lay)]
         mask = is_img.cpu()
-        counts = mask.sum(1).tolist()
+        row_counts = mask.sum(1).tolist()
+        at = 0
         broken = []
         for r in range(rows):
-            if counts[r] == 0:
-                continue
-            pos = mask[r].nonzero().flatten()
-            if counts[r] % k or (pos.view(-1, k)[:, -1] - pos.view(-1, k)[:, 0] != k - 1).any():
-                broken.append(r)
-        if broken:
-            detail = ", ".join(f"{ids[r]} ({counts[r]} image tokens)" for r in broken)
+            for run in _runs(mask[r]):
+                got = 0
+                while got < run and at < len(expected):
+                    got += expected[at]
+                    at += 1
+                if got != run:
+                    broken.append(r)
+                    break
+            else:
+                # a row must end on an image boundary
+                if at < len(expected) and at > 0 and image_of_run[at] == image_of_run[at - 1]:
+                    broken.append(r)
+            if broken:
+                break
+        if not broken and at == len(expected):
+            return
+        k = self.tokens_per_tile
+        if all(lay is None or lay.mode == "single" for lay in layouts):  # untiled: report whole images
+            bad = [r for r in range(rows) if any(run % k for run in _runs(mask[r]))]
+            if bad:
+                detail = ", ".join(f"{ids[r]} ({row_counts[r]} image tokens)" for r in bad)
+                raise ImageTokenMismatch(
+                    f"image tokens do not come in whole runs of {k} (tokens_per_image) in: {detail}"
+                )
+            per_row_text = ", ".join(f"{ids[r]}: {row_counts[r] // k}" for r in range(rows))
             raise ImageTokenMismatch(
-                f"image tokens do not come in whole runs of {k} (tokens_per_image) in: {detail}"
+                f"the batch's <image> tokens make {sum(row_counts) // k} image(s) but {len(layouts)} "
+                f"image(s) were given (images per sample by tokens: {per_row_text})"
             )
-        total = sum(counts)
-        if total != n_images * k:
-            per_row = ", ".join(f"{ids[r]}: {counts[r] // k}" for r in range(rows))
-            raise ImageTokenMismatch(
-                f"the batch's <image> tokens make {total // k} image(s) but {n_images} image(s) were given "
-                f"(images per sample by tokens: {per_row})"
-            )
+        per_row_text = ", ".join(f"{ids[r]}: {row_counts[r]}" for r in range(rows))
+        raise ImageTokenMismatch(
+            f"the batch's image tokens (per sample: {per_row_text}) are not filled by whole images: "
+            f"the {len(layouts)} image(s) given fill runs of {expected} tokens"
+        )
 
     def embed(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         sample_ids: Sequence | None = None,
+        image_layouts: Sequence[TileLayout] | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with each image's features over its run of ``<image>`` tokens."""
+        """Token embeddings with each image's features over its ``<image>`` tokens, in order."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_img = input_ids == self.image_token_id
-        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
-        self._check_image_tokens(is_img, n_images, sample_ids)
-        if n_images == 0:
-            return embeds
-        feats = self.encode_images(pixel_values)  # [N, K, D]
+        if pixel_values is None:
+            layouts_or_none: list = []
+        else:
+            layouts_or_none = list(image_layouts) if image_layouts is not None else [None] * int(pixel_values.shape[0])
+        n_images = len(layouts_or_none)
+        self._check_image_tokens(is_img, layouts_or_none, sample_ids)
+        if n_images == 0 or self.fuses_by_cross_attention:
+            return embeds  # cross-attention: the <image> markers keep their token embeddings
+        feats = torch.cat(self.image_features(pixel_values, image_layouts), dim=0)  # [sum n_i, D]
         # masked_scatter fills positions in row-major order: images in order, row by row
-        return embeds.masked_scatter(is_img.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+        return embeds.masked_scatter(is_img.unsqueeze(-1), feats)
+
+    @contextmanager
+    def reading_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+        """Context for the LLM calls of one batch. With cross-attention fusion it hands the
+        batch's image embeddings to the gated blocks and yields ``advance(new_ids [B, t])``,
+        to call before each decoding step; with splicing it does nothing (``advance`` is a no-op).
+        ``advance(new_ids)`` continues the media index over the new tokens (KV-cache decoding);
+        ``advance(new_ids, whole=ids)`` recomputes it over the whole sequence (no cache).
+        """
+        xattn = self.cross_attention
+        if xattn is None:
+            yield lambda new_ids, whole=None: None
+            return
+        is_img = input_ids == self.image_token_id
+        per_row = is_img.sum(1)  # [B] images per row
+        dim = self.llm.config.get_text_config().hidden_size
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            feats = self.llm.get_input_embeddings().weight.new_zeros(0, self.tokens_per_tile, dim)
+        else:
+            feats = self.encode_images(pixel_values)  # [N, K, D]
+        media, media_mask = group_media(feats, per_row.cpu())
+        seen = per_row.clone()
+
+        def advance(new_ids: torch.Tensor, whole: torch.Tensor | None = None) -> None:
+            nonlocal seen
+            # a generated <image> token has no image behind it: never index past the real ones
+            if whole is not None:
+                index = media_index_from_ids(whole, self.image_token_id)
+            else:
+                index = media_index_from_ids(new_ids, self.image_token_id, offset=seen)
+            index = torch.minimum(index, per_row[:, None])
+            seen = index[:, -1]
+            xattn.set_media_index(index)
+
+        with xattn.media(media, media_mask, media_index_from_ids(input_ids, self.image_token_id)):
+            yield advance
 
     # ------------------------------------------------------------------ forward / generate
 
@@ -228,14 +465,16 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         sample_ids: Sequence | None = None,
+        image_layouts: Sequence[TileLayout] | None = None,
     ) -> VLMOutput:
-        embeds = self.embed(input_ids, pixel_values, sample_ids)
-        out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
+        embeds = self.embed(input_ids, pixel_values, sample_ids, image_layouts)
+        with self.reading_images(input_ids, pixel_values):
+            out = self.llm(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
         logits = out.logits
         loss_sum = n_targets = None
         if labels is not None:
@@ -253,6 +492,7 @@ class VisionLanguageModel(nn.Module):
         top_p: float = 1.0,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        image_layouts: Sequence[TileLayout] | None = None,
     ) -> list[list[int]]:
         """New tokens per row (stop token excluded); see ``vlmkit.infer.generate.generate``."""
         from vlmkit.infer.generate import generate
@@ -268,4 +508,5 @@ class VisionLanguageModel(nn.Module):
             top_p=top_p,
             use_cache=use_cache,
             generator=generator,
+            image_layouts=image_layouts,
         )

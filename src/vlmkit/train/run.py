@@ -85,13 +85,58 @@ def build_tokenizer(recipe: Recipe, sources: dict, data_dir: Path, out_dir: Path
 
 
 def build_model(recipe: Recipe, tokenizer):
-    """A fresh model for ``tokenizer``, or the checkpoint ``model.init_from`` (with its tokenizer)."""
+    """A fresh model for ``tokenizer``, or the checkpoint ``model.init_from`` (with its tokenizer).
+
+    With ``model.init_parts`` the model is built from the recipe for the checkpoint's tokenizer
+    and only the listed parts' weights come from the checkpoint (see ``copy_parts``).
+    """
     from vlmkit.models.checkpoint_io import load_checkpoint
     from vlmkit.models.vlm import VisionLanguageModel
 
     if recipe.model.init_from:
-        return load_checkpoint(recipe.model.init_from)
+        source, tokenizer = load_checkpoint(recipe.model.init_from)
+        if recipe.model.init_parts is None:
+            return source, tokenizer
+        model = VisionLanguageModel.from_config(recipe.model, tokenizer)
+        copy_parts(source, model, recipe.model.init_parts, recipe.model.init_from)
+        return model, tokenizer
     return VisionLanguageModel.from_config(recipe.model, tokenizer), tokenizer
+
+
+def copy_parts(source, target, parts: list[str], where: str) -> None:
+    """Copy the weights of ``parts`` from ``source`` to ``target``.
+
+    Every parameter of the part in ``target`` must exist with the same shape in ``source``,
+    except the cross-attention blocks the target's fusion inserts into its LLM (they keep their
+    fresh, zero-gated values). Decoder layers that the target wraps for cross-attention
+    (``layers.{i}.layer.*``) take the source's plain ``layers.{i}.*`` weights.
+    """
+    import re
+
+    for part in parts:
+        src_state = source.parts()[part].state_dict()
+        dst = target.parts()[part]
+        dst_state = dst.state_dict()
+        new_state, missing, mismatched = {}, [], []
+        for key, value in dst_state.items():
+            if ".xattn." in key and part == "llm":
+                new_state[key] = value
+                continue
+            src_key = key if key in src_state else re.sub(r"(layers\.\d+)\.layer\.", r"\1.", key)
+            if src_key not in src_state:
+                missing.append(key)
+            elif src_state[src_key].shape != value.shape:
+                mismatched.append(key)
+            else:
+                new_state[key] = src_state[src_key]
+        used = {re.sub(r"(layers\.\d+)\.layer\.", r"\1.", k) for k in dst_state} | set(dst_state)
+        unexpected = [k for k in src_state if k not in used and ".xattn." not in k]
+        if missing or mismatched or unexpected:
+            raise ConfigError(
+                f"model.init_parts: part {part!r} of {where} does not fit the recipe's model: "
+                f"missing {missing[:3]}, shape mismatch {mismatched[:3]}, unexpected {unexpected[:3]}"
+            )
+        dst.load_state_dict(new_state)
 
 
 def prepare_model(recipe: Recipe, sources: dict, data_dir: Path, out_dir: Path, ckpt: Path | None, resume: bool):
@@ -137,11 +182,12 @@ def with_pretrained_encoder(recipe: Recipe, data_dir: Path, encoder_dir: Path) -
 def make_encoder(recipe: Recipe, model, tokenizer):
     """``stage -> encode`` sharing one image cache across stages."""
     from vlmkit.data.dataset import SampleEncoder
-    from vlmkit.data.images import ImageProcessor
+    from vlmkit.data.image_pipeline import ImagePipeline
     from vlmkit.data.template import ChatTemplate
 
-    v = recipe.model.vision
-    processor = ImageProcessor(v.image_size, model.vision.image_mean, model.vision.image_std, v.preprocess)
+    # untiled models keep the plain processor: one [3, S, S] tensor per image
+    pipeline = ImagePipeline.for_model(model)
+    processor = pipeline if recipe.model.tiling is not None else pipeline.processor
     template = ChatTemplate(tokenizer)
     encoder = SampleEncoder(template, processor, model.tokens_per_image, max_len=recipe.stages[0].max_seq_len)
     return template, (lambda stage: encoder.with_max_len(stage.max_seq_len).encode)

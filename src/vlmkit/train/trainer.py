@@ -178,6 +178,8 @@ class StageTrainer:
         loss_sum, seen_targets, tokens = torch.zeros((), dtype=torch.float64), 0, 0
         for batch in batches:
             batch = self._to_device(batch)
+            # tiled images: the layouts say which tiles belong to which image
+            tiled = {"image_layouts": batch["image_layouts"]} if batch.get("image_layouts") else {}
             with self._autocast():
                 out = self.model(
                     input_ids=batch["input_ids"],
@@ -185,6 +187,7 @@ class StageTrainer:
                     pixel_values=batch.get("pixel_values"),
                     labels=batch["labels"],
                     sample_ids=batch.get("sample_ids"),
+                    **tiled,
                 )
             (out.loss_sum.float() / denom).backward()
             loss_sum += out.loss_sum.detach().double().cpu()
