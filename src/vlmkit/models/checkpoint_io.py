@@ -13,7 +13,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
 
 from vlmkit.config import ModelConfig, Recipe, recipe_to_yaml
 from vlmkit.models.connectors import build_connector
-from vlmkit.models.vision import vision_from_hf_config
+from vlmkit.models.vision import vision_from_state, vision_state
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.utils.io import atomic_directory, atomic_write_json, atomic_write_text
 
@@ -31,23 +31,15 @@ class CheckpointError(ValueError):
 def save_checkpoint(model: VisionLanguageModel, tokenizer, out_dir, recipe: Recipe | None = None) -> Path:
     """Write the checkpoint to ``out_dir`` atomically (a crash leaves the old one or none)."""
     out_dir = Path(out_dir)
-    vision = model.vision
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "model": model.config.model_dump(mode="json"),
-        "vision_hf_config": vision.hf_config.to_dict(),
         "llm_hf_config": model.llm.config.to_dict(),
         "image_token_id": model.image_token_id,
         "tokens_per_image": model.tokens_per_image,
-        # what the vision config alone can't rebuild
-        "vision": {
-            "family": vision.family,
-            "feature_layer": vision.feature_layer,
-            "image_size": vision.image_size,
-            "image_mean": list(vision.image_mean),
-            "image_std": list(vision.image_std),
-        },
+        # "vision_hf_config" and "vision": what the vision config alone can't rebuild (models/vision.py)
+        **vision_state(model.vision),
     }
     with atomic_directory(out_dir) as tmp:
         tokenizer.save_pretrained(str(tmp))
@@ -89,10 +81,7 @@ def load_checkpoint(path, device="cpu") -> tuple[VisionLanguageModel, object]:
     path = Path(path)
     meta = read_checkpoint_config(path)
     model_cfg = ModelConfig.model_validate(meta["model"])
-    v = meta["vision"]
-    vision = vision_from_hf_config(
-        meta["vision_hf_config"], v["feature_layer"], v["image_size"], tuple(v["image_mean"]), tuple(v["image_std"])
-    )
+    vision = vision_from_state(meta)
     llm_dict = dict(meta["llm_hf_config"])
     llm_config = CONFIG_MAPPING[llm_dict["model_type"]].from_dict(llm_dict)
     llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=model_cfg.llm.attn_implementation)

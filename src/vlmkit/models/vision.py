@@ -1,8 +1,11 @@
 """Image encoders: tiny presets built from configs, or any HF vision model through a family table.
 
-``build_vision_encoder(VisionConfig) -> VisionEncoder``; ``VisionEncoder.forward(pixel_values [N,3,S,S])``
-returns patch features ``[N, T, C]`` taken from ``hidden_states[feature_layer]`` of the HF model, with
-the non-patch tokens (CLS, registers) removed.
+``build_vision_encoder(VisionConfig) -> VisionEncoder | FusedVisionEncoder``;
+``VisionEncoder.forward(pixel_values [N,3,S,S])`` returns patch features ``[N, T, C]`` taken from
+``hidden_states[feature_layer]`` of the HF model, with the non-patch tokens (CLS, registers)
+removed. A list of feature layers concatenates those hidden states channel-wise. With
+``VisionConfig.fused`` set, a ``FusedVisionEncoder`` runs further encoders on the same pixels and
+concatenates their features channel-wise (docs/encoders.md).
 
 Families are looked up by the HF config's ``model_type`` (never by sniffing the checkpoint name):
 
@@ -35,9 +38,10 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
@@ -115,49 +119,81 @@ def _quiet_transformers():
         logger.setLevel(level)
 
 
+def _layer_list(feature_layer: int | Sequence[int] | None, default: int) -> tuple[list[int], bool]:
+    """``(layers, is_list)``: the hidden-state indices to read, and whether a list was given."""
+    if feature_layer is None:
+        return [default], False
+    if isinstance(feature_layer, (list, tuple)):
+        if not feature_layer:
+            raise ValueError("feature_layer: an empty list selects no layer")
+        return [int(v) for v in feature_layer], True
+    return [int(feature_layer)], False
+
+
 class VisionEncoder(nn.Module):
     """An HF vision model plus the rules to turn its hidden states into patch features.
 
     Attributes: ``model`` (the HF module), ``hf_config``, ``family`` (the model_type key),
-    ``feature_layer`` (resolved index into ``hidden_states``), ``image_size``, ``num_tokens``,
-    ``hidden_size``, ``image_mean``, ``image_std``.
+    ``feature_layer`` (resolved index into ``hidden_states``, or the list of indices whose states
+    are concatenated channel-wise), ``feature_layers`` (always a tuple), ``image_size``,
+    ``num_tokens``, ``hidden_size``, ``image_mean``, ``image_std``.
+
+    ``key`` is the config path named in errors (``vision``, ``vision.fused.0``).
     """
 
     def __init__(
         self,
         model: nn.Module,
         family: str,
-        feature_layer: int | None,
+        feature_layer: int | Sequence[int] | None,
         image_size: int,
         image_mean: tuple[float, ...],
         image_std: tuple[float, ...],
+        key: str = "vision",
     ) -> None:
         super().__init__()
         self.model = model
         self.family = family
         self.spec = FAMILIES[family]
         self.hf_config = model.config
-        self.feature_layer = self.spec.default_layer if feature_layer is None else int(feature_layer)
+        layers, is_list = _layer_list(feature_layer, self.spec.default_layer)
+        self.feature_layers: tuple[int, ...] = tuple(layers)
+        self.feature_layer: int | list[int] = list(layers) if is_list else layers[0]
         self.image_size = int(image_size)
         self.image_mean = tuple(float(v) for v in image_mean)
         self.image_std = tuple(float(v) for v in image_std)
         self.n_prefix = self.spec.n_prefix(self.hf_config)
         n_layers = self._num_hidden_states()
-        if n_layers is not None and not -n_layers <= self.feature_layer < n_layers:
-            raise ValueError(
-                f"feature_layer {self.feature_layer} is out of range: {family} has {n_layers} hidden states"
-            )
+        if n_layers is not None:
+            for layer in self.feature_layers:
+                if not -n_layers <= layer < n_layers:
+                    raise ValueError(
+                        f"{key}.feature_layer {layer} is out of range: {family} has {n_layers} hidden states "
+                        f"(indices {-n_layers} .. {n_layers - 1})"
+                    )
         if self.spec.kind == "cnn":
             with torch.no_grad():
-                probe = self._hidden(torch.zeros(1, 3, self.image_size, self.image_size, dtype=self._dtype()))
-            self.num_tokens = int(probe.shape[2] * probe.shape[3])
-            self.hidden_size = int(probe.shape[1])
+                probe = self._hidden_states(
+                    torch.zeros(1, 3, self.image_size, self.image_size, dtype=self._dtype())
+                )
+            shapes = [tuple(probe[i].shape[2:]) for i in self.feature_layers]
+            if len(set(shapes)) > 1:
+                described = ", ".join(f"{i}: {h}x{w}" for i, (h, w) in zip(self.feature_layers, shapes))
+                raise ValueError(
+                    f"{key}.feature_layer {list(self.feature_layers)}: the {family} hidden states have "
+                    f"different resolutions ({described}) and can't be concatenated channel-wise; "
+                    "pick layers of one resolution or a single layer"
+                )
+            self.num_tokens = int(shapes[0][0] * shapes[0][1])
+            self.hidden_size = int(sum(probe[i].shape[1] for i in self.feature_layers))
         else:
             patch = int(self.hf_config.patch_size)
             if self.image_size % patch:
-                raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size {patch}")
+                raise ValueError(
+                    f"{key}: image_size {self.image_size} is not a multiple of the patch size {patch}"
+                )
             self.num_tokens = (self.image_size // patch) ** 2
-            self.hidden_size = int(self.hf_config.hidden_size)
+            self.hidden_size = int(self.hf_config.hidden_size) * len(self.feature_layers)
 
     # ------------------------------------------------------------------ helpers
 
@@ -174,8 +210,8 @@ class VisionEncoder(nn.Module):
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())
 
-    def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``hidden_states[feature_layer]`` of the HF model, as it comes out."""
+    def _hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every hidden state of the HF model, as they come out."""
         kwargs: dict[str, Any] = {"output_hidden_states": True}
         if self.spec.kind == "naflex":
             n, c, h, w = pixel_values.shape
@@ -193,7 +229,15 @@ class VisionEncoder(nn.Module):
             if self.spec.interpolate_kw and self.image_size != getattr(self.hf_config, "image_size", self.image_size):
                 kwargs["interpolate_pos_encoding"] = True
             out = self.model(pixel_values=pixel_values, **kwargs)
-        return out.hidden_states[self.feature_layer]
+        return out.hidden_states
+
+    def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``hidden_states[feature_layer]`` of the HF model (several: concatenated channel-wise)."""
+        states = self._hidden_states(pixel_values)
+        if len(self.feature_layers) == 1:
+            return states[self.feature_layers[0]]
+        channel_dim = 1 if self.spec.kind == "cnn" else -1  # CNN: [N, C, H, W]; ViT: [N, T, C]
+        return torch.cat([states[i] for i in self.feature_layers], dim=channel_dim)
 
     # ------------------------------------------------------------------ forward
 
@@ -219,18 +263,121 @@ class VisionEncoder(nn.Module):
         return h[:, self.n_prefix :]
 
 
+def resize_token_grid(features: torch.Tensor, side: int) -> torch.Tensor:
+    """``[N, s*s, C]`` (a row-major square grid) -> ``[N, side*side, C]``, bilinear on the 2-D grid.
+
+    ``align_corners=False``: the token centres of both grids cover the same image area.
+    """
+    n, t, c = features.shape
+    s = grid_side(t)
+    if s == side:
+        return features
+    grid = features.transpose(1, 2).reshape(n, c, s, s)
+    dtype = grid.dtype
+    if grid.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        grid = grid.float()  # half-precision bilinear is not implemented everywhere on CPU
+    grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
+    return grid.to(dtype).flatten(2).transpose(1, 2)
+
+
+class FusedVisionEncoder(nn.Module):
+    """Several encoders on the same image, fused channel-wise (Prismatic VLMs' DINOv2 + SigLIP).
+
+    ``main`` fixes the interface: pixels come normalised with its statistics (``image_mean`` /
+    ``image_std`` are the main encoder's, so the data pipeline is unchanged), and the output grid
+    is its grid (``num_tokens``). Each further encoder in ``fused`` gets the pixels converted
+    back to [0, 1] (``x * std_main + mean_main``) and re-normalised with its own statistics, and
+    its feature grid is resized bilinearly to the main grid when they differ. Output:
+    ``[N, num_tokens, main.hidden_size + sum(fused[i].hidden_size)]``, main first.
+
+    Parameter names: ``main.model.*`` for the main encoder, ``fused.{i}.model.*`` for
+    ``VisionConfig.fused[i]`` (inside a VLM: ``vision.main.*``, ``vision.fused.0.*``).
+    Every part runs as ``VisionEncoder`` does: a frozen part under ``no_grad`` and in eval mode,
+    whatever the others do.
+    """
+
+    family = "fused"
+
+    def __init__(self, main: VisionEncoder, fused: Sequence[VisionEncoder]) -> None:
+        super().__init__()
+        if not fused:
+            raise ValueError("a FusedVisionEncoder needs at least one further encoder")
+        self.main = main
+        self.fused = nn.ModuleList(fused)
+        for i, enc in enumerate(fused):
+            if enc.image_size != main.image_size:
+                raise ValueError(
+                    f"vision.fused.{i}: image_size {enc.image_size} differs from the main encoder's "
+                    f"{main.image_size}; every encoder of a fusion sees the same image"
+                )
+        self.image_size = main.image_size
+        self.image_mean = main.image_mean
+        self.image_std = main.image_std
+        self.num_tokens = main.num_tokens
+        self.grid = grid_side(main.num_tokens)
+        for i, enc in enumerate(fused):
+            try:
+                grid_side(enc.num_tokens)
+            except ValueError as err:
+                raise ValueError(f"vision.fused.{i}: {err}; its features can't be resized to the main grid") from None
+        self.hidden_size = main.hidden_size + sum(enc.hidden_size for enc in fused)
+        # what code written for one encoder reads: the main encoder's config and layer
+        self.hf_config = main.hf_config
+        self.feature_layer = main.feature_layer
+
+    @property
+    def encoders(self) -> list[VisionEncoder]:
+        """The main encoder, then the further ones, in output-channel order."""
+        return [self.main, *self.fused]
+
+    @property
+    def families(self) -> list[str]:
+        return [enc.family for enc in self.encoders]
+
+    @property
+    def hf_configs(self) -> list[PretrainedConfig]:
+        return [enc.hf_config for enc in self.encoders]
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.parameters())
+
+    def renormalise(self, pixel_values: torch.Tensor, enc: VisionEncoder) -> torch.Tensor:
+        """Pixels normalised with the main statistics -> the same pixels normalised with ``enc``'s."""
+        if enc.image_mean == self.image_mean and enc.image_std == self.image_std:
+            return pixel_values
+        x = pixel_values.float()
+
+        def stat(v):
+            return torch.tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+
+        raw = x * stat(self.image_std) + stat(self.image_mean)
+        return (raw - stat(enc.image_mean)) / stat(enc.image_std)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` (main normalisation) -> ``[N, num_tokens, hidden_size]``."""
+        main = self.main(pixel_values)
+        feats = [main]
+        for enc in self.fused:
+            x = self.renormalise(pixel_values, enc)
+            feats.append(resize_token_grid(enc(x), self.grid).to(main.dtype))
+        return torch.cat(feats, dim=-1)
+
+
 # ---------------------------------------------------------------------- building
 
 
-def _apply_overrides(hf_config: PretrainedConfig, overrides: dict[str, Any], what: str) -> None:
-    for key, value in overrides.items():
-        if not hasattr(hf_config, key):
-            raise ValueError(f"vision.overrides: {what} config has no field {key!r}")
-        setattr(hf_config, key, value)
+def _apply_overrides(hf_config: PretrainedConfig, overrides: dict[str, Any], what: str, key: str = "vision") -> None:
+    for k, value in overrides.items():
+        if not hasattr(hf_config, k):
+            raise ValueError(f"{key}.overrides: {what} config has no field {k!r}")
+        setattr(hf_config, k, value)
 
 
-def _preset_config(cfg: VisionConfig) -> PretrainedConfig:
-    if cfg.name == "tiny-cnn":
+def _preset_config(
+    name: str, image_size: int, overrides: dict[str, Any], key: str = "vision"
+) -> PretrainedConfig:
+    if name == "tiny-cnn":
         # embedder: conv s2 + maxpool s2 (/4); stages s1, s2, s2 (/16 overall): 64 px -> 4x4 x 128
         c = transformers.ResNetConfig(
             num_channels=3,
@@ -240,9 +387,9 @@ def _preset_config(cfg: VisionConfig) -> PretrainedConfig:
             layer_type="basic",
             downsample_in_first_stage=False,
         )
-    elif cfg.name == "tiny-vit":
+    elif name == "tiny-vit":
         c = transformers.CLIPVisionConfig(
-            image_size=cfg.image_size,
+            image_size=image_size,
             patch_size=16,
             hidden_size=128,
             intermediate_size=512,
@@ -250,8 +397,8 @@ def _preset_config(cfg: VisionConfig) -> PretrainedConfig:
             num_attention_heads=4,
         )
     else:  # pragma: no cover - guarded by the caller
-        raise ValueError(cfg.name)
-    _apply_overrides(c, cfg.overrides, cfg.name)
+        raise ValueError(name)
+    _apply_overrides(c, overrides, name, key)
     return c
 
 
@@ -289,10 +436,11 @@ def read_image_stats(name_or_path: str) -> tuple[tuple[float, ...], tuple[float,
 
 def vision_from_hf_config(
     hf_config: PretrainedConfig | dict,
-    feature_layer: int | None,
+    feature_layer: int | Sequence[int] | None,
     image_size: int,
     image_mean: tuple[float, ...] | None = None,
     image_std: tuple[float, ...] | None = None,
+    key: str = "vision",
 ) -> VisionEncoder:
     """A randomly initialised encoder for an HF config (or its ``to_dict()``); no downloads."""
     if isinstance(hf_config, dict):
@@ -312,26 +460,107 @@ def vision_from_hf_config(
         image_size,
         image_mean if image_mean is not None else spec.mean,
         image_std if image_std is not None else spec.std,
+        key=key,
     )
 
 
-def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
-    """A preset (random init) or a pretrained HF vision model, by hub name or local path."""
-    if cfg.name in PRESETS:
-        return vision_from_hf_config(_preset_config(cfg), cfg.feature_layer, cfg.image_size, HALF, HALF)
+def _build_one(
+    name: str,
+    image_size: int,
+    feature_layer: int | Sequence[int] | None,
+    overrides: dict[str, Any],
+    key: str,
+) -> VisionEncoder:
+    """One encoder: a preset (random init) or a pretrained HF vision model, by hub name or local path."""
+    if name in PRESETS:
+        return vision_from_hf_config(
+            _preset_config(name, image_size, overrides, key), feature_layer, image_size, HALF, HALF, key=key
+        )
 
-    hf_config = AutoConfig.from_pretrained(cfg.name)
+    hf_config = AutoConfig.from_pretrained(name)
     if hf_config.model_type in TOWER_OF:  # a full image-text model: keep the vision tower
         hf_config = hf_config.vision_config
     spec = family_of(hf_config.model_type)
-    _apply_overrides(hf_config, cfg.overrides, cfg.name)
+    _apply_overrides(hf_config, overrides, name, key)
     with _quiet_transformers():
         model = getattr(transformers, spec.model_class).from_pretrained(
-            cfg.name, config=hf_config, **dict(spec.model_kwargs)
+            name, config=hf_config, **dict(spec.model_kwargs)
         )
-    stats = read_image_stats(cfg.name)
+    stats = read_image_stats(name)
     mean, std = stats if stats is not None else (spec.mean, spec.std)
-    return VisionEncoder(model, hf_config.model_type, cfg.feature_layer, cfg.image_size, mean, std)
+    return VisionEncoder(model, hf_config.model_type, feature_layer, image_size, mean, std, key=key)
+
+
+def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder | FusedVisionEncoder:
+    """The encoder ``cfg`` names; a ``FusedVisionEncoder`` when ``cfg.fused`` lists further ones.
+
+    Every encoder of a fusion uses ``cfg.image_size``.
+    """
+    main = _build_one(cfg.name, cfg.image_size, cfg.feature_layer, cfg.overrides, "vision")
+    if not cfg.fused:
+        return main
+    fused = [
+        _build_one(f.name, cfg.image_size, f.feature_layer, f.overrides, f"vision.fused.{i}")
+        for i, f in enumerate(cfg.fused)
+    ]
+    return FusedVisionEncoder(main, fused)
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def _encoder_state(enc: VisionEncoder) -> dict[str, Any]:
+    return {
+        "family": enc.family,
+        "feature_layer": enc.feature_layer,
+        "image_size": enc.image_size,
+        "image_mean": list(enc.image_mean),
+        "image_std": list(enc.image_std),
+    }
+
+
+def vision_state(encoder: VisionEncoder | FusedVisionEncoder) -> dict[str, Any]:
+    """The checkpoint ``config.json`` entries that rebuild ``encoder`` without downloads.
+
+    ``{"vision_hf_config": <the (main) encoder's HF config dict>, "vision": {...}}``. For one
+    encoder ``vision`` holds ``family``, ``feature_layer`` (an int or a list), ``image_size``,
+    ``image_mean``, ``image_std``. For a fusion it holds ``family: "fused"``, ``image_size``,
+    the pixel statistics (the main encoder's) and ``encoders``: one entry per encoder, main
+    first, each with the keys above plus its ``hf_config``.
+    """
+    if isinstance(encoder, FusedVisionEncoder):
+        vision = {
+            "family": FusedVisionEncoder.family,
+            "image_size": encoder.image_size,
+            "image_mean": list(encoder.image_mean),
+            "image_std": list(encoder.image_std),
+            "encoders": [
+                {**_encoder_state(enc), "hf_config": enc.hf_config.to_dict()} for enc in encoder.encoders
+            ],
+        }
+        return {"vision_hf_config": encoder.main.hf_config.to_dict(), "vision": vision}
+    return {"vision_hf_config": encoder.hf_config.to_dict(), "vision": _encoder_state(encoder)}
+
+
+def vision_from_state(state: dict[str, Any]) -> VisionEncoder | FusedVisionEncoder:
+    """The encoder ``vision_state`` described (random weights: load the checkpoint's after)."""
+    v = state["vision"]
+    if v["family"] == FusedVisionEncoder.family:
+        encs = [
+            vision_from_hf_config(
+                e["hf_config"],
+                e["feature_layer"],
+                e.get("image_size", v["image_size"]),
+                tuple(e["image_mean"]),
+                tuple(e["image_std"]),
+                key="vision" if i == 0 else f"vision.fused.{i - 1}",
+            )
+            for i, e in enumerate(v["encoders"])
+        ]
+        return FusedVisionEncoder(encs[0], encs[1:])
+    return vision_from_hf_config(
+        state["vision_hf_config"], v["feature_layer"], v["image_size"], tuple(v["image_mean"]), tuple(v["image_std"])
+    )
 
 
 def grid_side(num_tokens: int) -> int:

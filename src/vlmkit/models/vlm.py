@@ -59,37 +59,40 @@ def embedding_rms(llm: PreTrainedModel) -> float:
     return float(w.pow(2).mean().sqrt())
 
 
+def _grown(rows: torch.Tensor, new_size: int) -> torch.Tensor:
+    """``rows`` [V, ...] extended to ``new_size`` rows, the new ones the mean of the old."""
+    grown = rows.new_empty((new_size, *rows.shape[1:]))
+    with torch.no_grad():
+        grown[: rows.shape[0]] = rows
+        grown[rows.shape[0] :] = rows.float().mean(0).to(rows.dtype)
+    return grown
+
+
 def resize_embeddings_mean_init(llm: PreTrainedModel, new_size: int) -> None:
     """Grow the vocabulary to ``new_size`` rows; new rows (input and, if untied, output) = mean of old rows.
 
     Mean initialisation keeps the new tokens' logits at the average of the existing ones, so adding
     tokens does not disturb the model's distribution (Hewitt, 2021).
     """
-    old_in = llm.get_input_embeddings()
-    old_size, dim = old_in.weight.shape
+    emb = llm.get_input_embeddings()
+    old_size, dim = emb.weight.shape
     if new_size <= old_size:
         return
     out = llm.get_output_embeddings()
-    tied = out is not None and out.weight is old_in.weight
-    w = old_in.weight.data
-    new_in = nn.Embedding(new_size, dim, padding_idx=old_in.padding_idx, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new_in.weight[:old_size] = w
-        new_in.weight[old_size:] = w.float().mean(0).to(w.dtype)
-    llm.set_input_embeddings(new_in)
+    tied = out is not None and out.weight is emb.weight
+    # grow the weights in place, keeping the modules: some LLMs' embedding modules do more than
+    # a lookup (Gemma's scales by sqrt(hidden_size)), and a plain nn.Embedding would drop that
+    emb.weight = nn.Parameter(_grown(emb.weight.data, new_size), requires_grad=emb.weight.requires_grad)
+    emb.num_embeddings = new_size
     if out is not None:
         if tied:
-            out.weight = new_in.weight
+            out.weight = emb.weight
         else:
-            ow = out.weight.data
-            new_out = nn.Linear(dim, new_size, bias=out.bias is not None, device=ow.device, dtype=ow.dtype)
-            with torch.no_grad():
-                new_out.weight[:old_size] = ow
-                new_out.weight[old_size:] = ow.float().mean(0).to(ow.dtype)
-                if out.bias is not None:
-                    new_out.bias[:old_size] = out.bias
-                    new_out.bias[old_size:] = out.bias.float().mean().to(out.bias.dtype)
-            llm.set_output_embeddings(new_out)
+            out.weight = nn.Parameter(_grown(out.weight.data, new_size), requires_grad=out.weight.requires_grad)
+            if out.bias is not None:
+                out.bias = nn.Parameter(_grown(out.bias.data, new_size), requires_grad=out.bias.requires_grad)
+        if hasattr(out, "out_features"):
+            out.out_features = new_size
     llm.config.vocab_size = new_size
     text_cfg = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
     text_cfg.vocab_size = new_size
