@@ -32,6 +32,9 @@ _API = {
     "evaluate": "vlmkit.eval.runner",
     "run_evaluation": "vlmkit.eval.runner",
     "load_checkpoint": "vlmkit.models.checkpoint_io",
+    "load": ("vlmkit.models.checkpoint_io", "load_checkpoint"),  # (model, tokenizer) from a checkpoint dir
+    "export_checkpoint": "vlmkit.models.export",
+    "run_ablation": "vlmkit.ablate",
     "save_checkpoint": "vlmkit.models.checkpoint_io",
     "VisionLanguageModel": "vlmkit.models.vlm",
     "load_predictor": "vlmkit.infer.predictor",

@@ -73,10 +73,33 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from vlmkit.ablate import markdown_table, run_ablation
+
+    only = args.only.split(",") if args.only else None
+    rows = run_ablation(args.file, args.out, data_dir=args.data, overrides=args.set or [], only=only)
+    print(markdown_table(rows))
+    print(f"table: {args.out}/table.md, {args.out}/table.png; rows: {args.out}/results.jsonl")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vlmkit.demo import run_demo
 
     run_demo(out_dir=args.out, minutes=args.minutes, overrides=args.set or [], data_dir=args.data)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vlmkit.models.checkpoint_io import CheckpointError
+    from vlmkit.models.export import ExportError, describe, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, format=args.format, overwrite=args.overwrite)
+    except (ExportError, CheckpointError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} as {args.format} to {out}: {describe(out)}")
     return 0
 
 
@@ -134,6 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default=None, help="where to cache the world (default: <out>/world)")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
     demo.set_defaults(func=_cmd_demo)
+
+    ablate = sub.add_parser("ablate", help="train architecture variants on shared parts and tabulate them")
+    ablate.add_argument("file", help="an ablation YAML (path, or a built-in name: connectors, connectors-quick)")
+    ablate.add_argument("--out", required=True, help="the ablation directory (a rerun finishes what is missing)")
+    ablate.add_argument("--data", default=None, help="dataset root (default: generate the shapes world in OUT)")
+    ablate.add_argument("--only", default=None, help="comma-separated variant names")
+    ablate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an ablation key")
+    ablate.set_defaults(func=_cmd_ablate)
+
+    export = sub.add_parser("export", help="export a checkpoint for other tools (hf-llava: transformers, vLLM)")
+    export.add_argument("checkpoint", help="a vlmkit checkpoint directory")
+    export.add_argument("out", help="the directory to write (atomically)")
+    export.add_argument("--format", choices=["hf-llava"], default="hf-llava",
+                        help="hf-llava: LlavaForConditionalGeneration + LlavaProcessor (see docs/export.md)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    export.set_defaults(func=_cmd_export)
     return p
 
 
