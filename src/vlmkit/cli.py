@@ -53,6 +53,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         resume=args.resume,
+        image_as_text=args.image_as_text,
     )
     from vlmkit.eval.report import summary_table
 
@@ -140,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="at most N items per task")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--resume", action="store_true", help="skip items already in OUT/samples.jsonl")
+    ev.add_argument("--image-as-text", default=None, metavar="CAPTIONER",
+                    help="baseline: CAPTIONER (a checkpoint) describes each image, CHECKPOINT answers from the text")
     ev.set_defaults(func=_cmd_eval)
 
     chat = sub.add_parser("chat", help="talk to a checkpoint; interactive when no prompt is given")

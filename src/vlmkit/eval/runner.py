@@ -286,8 +286,13 @@ def evaluate(
     max_new_tokens: int | None = None,
     resume: bool = False,
     tasks: Sequence[str] | None = None,
+    image_as_text: str | Path | None = None,
 ) -> dict:
-    """Evaluate a checkpoint on ``data_dir/test.json``; writes results.json, samples.jsonl, report.html."""
+    """Evaluate a checkpoint on ``data_dir/test.json``; writes results.json, samples.jsonl, report.html.
+
+    With ``image_as_text`` (a captioner checkpoint) the checkpoint answers from that captioner's
+    descriptions of the images instead of the images (``infer.image_as_text``).
+    """
     from vlmkit.data.bad_samples import BadSampleLog
     from vlmkit.data.formats.llava import read_llava
     from vlmkit.eval.report import write_report
@@ -303,6 +308,13 @@ def evaluate(
     predictor, model_info = load_predictor(checkpoint, **kwargs)
     model = {"checkpoint": str(checkpoint)}
     model.update(model_info or {})
+    if image_as_text is not None:
+        from vlmkit.infer.image_as_text import CAPTION_PROMPT, DESCRIBE_AS, ImageAsTextPredictor
+
+        captioner, captioner_info = load_predictor(image_as_text, **{**kwargs, "max_new_tokens": 64})
+        predictor = ImageAsTextPredictor(captioner, predictor)
+        model["image_as_text"] = {"captioner": captioner_info, "caption_prompt": CAPTION_PROMPT,
+                                  "describe_as": DESCRIBE_AS}  # fmt: skip
     data = {
         "path": str(test_path),
         "sha256": file_sha256(test_path),
