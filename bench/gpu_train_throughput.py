@@ -82,7 +82,7 @@ def recipe_tree(vdir: Path, ldir: Path, attn: str, steps: int, batch: int, devic
         "world": {"train": WORLD_TRAIN, "test": 8, "seed": 0, "size": size},
         "data": {
             "captions": {"path": "train.json", "tasks": ["caption"]},
-            "dialogues": {"path": "train.json", "tasks": ["vqa_dialogue"]},
+            "dialogues": {"path": "train.json", "tasks": ["vqa_drill"]},
         },
         "stages": [{
             "name": "instruct", "data": {"captions": 0.5, "dialogues": 0.5},
