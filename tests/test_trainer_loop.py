@@ -47,7 +47,7 @@ def _grads_after_one_step(tmp_path, batch_size, grad_accum, group_by_length=Fals
     batches = trainer.next_micro_batches()
     if batches_out is not None:
         batches_out.extend(batches)
-    loss, n_targets, _ = trainer.forward_backward(batches)
+    loss, n_targets, _, _ = trainer.forward_backward(batches)
     return loss, n_targets, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

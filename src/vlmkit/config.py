@@ -141,7 +141,8 @@ class DataSource(StrictModel):
     """A dataset file, optionally filtered to some tasks. Paths are relative to ``--data``."""
 
     path: str
-    format: Literal["llava"] = "llava"
+    # llava: conversations (Samples); llava-preference: prompts with chosen/rejected answers (DPO)
+    format: Literal["llava", "llava-preference"] = "llava"
     tasks: list[str] | None = None  # keep only samples whose meta.task is listed
     # text-only copies: images and their placeholders removed (LM warm-up, blind baselines)
     drop_images: bool = False
@@ -150,11 +151,21 @@ class DataSource(StrictModel):
 # ------------------------------------------------------------------ training
 
 
+class DPOConfig(StrictModel):
+    """Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference: the
+    model as the stage begins (saved to ``<run>/reference-<stage>/``), or none."""
+
+    beta: float = Field(0.1, gt=0)
+    reference_free: bool = False  # compare the policy's own log-probabilities, no reference model
+
+
 class StageConfig(StrictModel):
     """One training stage: what trains, on which data, for how long, at which rates."""
 
     name: str
-    objective: Literal["next_token"] = "next_token"
+    # next_token: cross-entropy on assistant turns; dpo: preference pairs (sources in llava-preference format)
+    objective: Literal["next_token", "dpo"] = "next_token"
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     data: dict[str, float]  # source name -> mixture weight
     trainable: list[str]  # part names ("vision", "connector", "llm") or parameter-name globs
     lr: dict[str, float] | float  # per trainable entry, or one rate for all
@@ -237,6 +248,12 @@ class Recipe(StrictModel):
                     raise ValueError(
                         f"stages.{i}.data names source {src!r}, which is not under data "
                         f"(known: {sorted(self.data)})"
+                    )
+                wants = "llava-preference" if stage.objective == "dpo" else "llava"
+                if self.data[src].format != wants:
+                    raise ValueError(
+                        f"stages.{i}.data: source {src!r} is in format {self.data[src].format!r}, but a "
+                        f"{stage.objective} stage reads {wants!r} sources"
                     )
         return self
 

@@ -43,23 +43,27 @@ def load_sources(
     names: list[str] | None = None,
 ) -> dict[str, SourceData]:
     """Read the sources (all, or those in ``names``), filtered by their ``tasks``."""
-    from vlmkit.data.formats.llava import read_llava
+    from vlmkit.data.formats.llava import read_llava, read_preferences
+
+    readers = {"llava": read_llava, "llava-preference": read_preferences}
 
     out = {}
-    files: dict[Path, list[Sample]] = {}  # several sources often filter one file: read it once
+    files: dict[tuple[Path, str], list] = {}  # several sources often filter one file: read it once
     for name in names if names is not None else list(data):
         src = data[name]
         path = Path(data_dir) / src.path
         if not path.exists():
             raise ConfigError(f"data.{name}.path: {path} does not exist")
-        if path not in files:
-            files[path] = read_llava(path, root=path.parent, bad_log=bad_log)
-        samples = files[path]
+        if (path, src.format) not in files:
+            files[(path, src.format)] = readers[src.format](path, root=path.parent, bad_log=bad_log)
+        samples = files[(path, src.format)]
         if src.tasks is not None:
             samples = [s for s in samples if s.meta.get("task") in src.tasks]
         if not samples:
             raise ConfigError(f"data.{name}: no samples in {path} (tasks filter: {src.tasks})")
         if src.drop_images:
+            if src.format != "llava":
+                raise ConfigError(f"data.{name}.drop_images: only conversation sources (format llava) drop images")
             samples = [s.without_images() for s in samples]
         samples = [replace(s, meta={**s.meta, "source": name}) for s in samples]
         out[name] = SourceData(name, path, path.parent, samples)
@@ -119,6 +123,14 @@ class SampleEncoder:
         return replace(encoded, image_layouts=layouts), [im.pixels for im in inputs]
 
     __call__ = encode
+
+    def encode_pair(self, pair, root: str | Path):
+        """A preference pair -> ``((Encoded chosen, Encoded rejected), pixels)``; both answers
+        follow the same prompt and images (the images are prepared once)."""
+        chosen, rejected = pair.as_samples()
+        enc_chosen, pixels = self.encode(chosen, root)
+        enc_rejected, _ = self.encode(rejected, root)
+        return (enc_chosen, enc_rejected), pixels
 
     def _tiled(self) -> bool:
         from vlmkit.data.image_pipeline import ImagePipeline

@@ -142,6 +142,14 @@ class PreferencePair:
     images: list[ImageRef] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def as_samples(self) -> tuple["Sample", "Sample"]:
+        """The prompt answered with ``chosen`` and with ``rejected``: two Samples sharing the images."""
+        return tuple(  # type: ignore[return-value]
+            Sample(id=f"{self.id}:{which}", turns=[*self.prompt, Turn.of_text("assistant", text)],
+                   images=list(self.images), meta=dict(self.meta))  # fmt: skip
+            for which, text in (("chosen", self.chosen), ("rejected", self.rejected))
+        )
+
 
 # ---------------------------------------------------------------- boxes in text
 

@@ -64,6 +64,14 @@ def ensure_world(recipe: Recipe, world_dir: Path) -> Path:
     return world_dir
 
 
+def _turns(item) -> list:
+    """The turns of a Sample, or of both answers of a PreferencePair."""
+    if hasattr(item, "turns"):
+        return item.turns
+    chosen, rejected = item.as_samples()
+    return [*chosen.turns, rejected.turns[-1]]
+
+
 def build_tokenizer(recipe: Recipe, sources: dict, data_dir: Path, out_dir: Path):
     """The tiny BPE trained on the data's text (saved under ``out_dir/tokenizer``, reused), or
     the named tokenizer."""
@@ -74,7 +82,7 @@ def build_tokenizer(recipe: Recipe, sources: dict, data_dir: Path, out_dir: Path
     tok_dir = out_dir / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
         return load_tokenizer(tok_dir)[0]
-    texts = [t.text for src in sources.values() for s in src.samples for t in s.turns]
+    texts = [t.text for src in sources.values() for s in src.samples for t in _turns(s)]
     if (data_dir / "world.json").exists():
         from vlmkit.data.worlds.shapes import world_texts
 
@@ -190,7 +198,11 @@ def make_encoder(recipe: Recipe, model, tokenizer):
     processor = pipeline if recipe.model.tiling is not None else pipeline.processor
     template = ChatTemplate(tokenizer)
     encoder = SampleEncoder(template, processor, model.tokens_per_image, max_len=recipe.stages[0].max_seq_len)
-    return template, (lambda stage: encoder.with_max_len(stage.max_seq_len).encode)
+    def encode_for(stage):
+        limited = encoder.with_max_len(stage.max_seq_len)
+        return limited.encode_pair if stage.objective == "dpo" else limited.encode
+
+    return template, encode_for
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -1,16 +1,16 @@
 """The training loop: one ``StageTrainer`` per stage, ``train_stages`` runs them in order.
 
-The loop knows the model only through ``model(input_ids, attention_mask, pixel_values, labels,
-sample_ids) -> output with loss_sum, n_targets`` and ``model.parts()`` (for trainable entries);
+The loop knows the model only through its stage's objective (``train.objectives``: batches,
+what the loss counts, the loss) and ``model.parts()`` (for trainable entries);
 samples reach it through an ``encode(sample, root) -> (Encoded, [pixels])`` callable and a
 ``collate`` function. Everything that touches files beyond checkpoints and metrics lives in
 ``train.run``.
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` rows. All micro-batches of
-the step are drawn and collated first, so the number of target tokens of the whole step is
-known before any forward pass; each micro-batch's summed loss is divided by that total. The
-gradient is therefore exactly that of the mean loss over every target token of the step,
-whatever the split into micro-batches.
+the step are drawn and collated first, so what the loss counts over the whole step (target
+tokens, or preference pairs for DPO) is known before any forward pass; each micro-batch's summed
+loss is divided by that total. The gradient is therefore exactly that of the mean loss over the
+step, whatever the split into micro-batches.
 """
 
 from __future__ import annotations
@@ -32,23 +32,18 @@ from vlmkit.config import StageConfig
 from vlmkit.data.bad_samples import BadSampleError, BadSampleLog, TooManyBadSamples
 from vlmkit.data.mixture import MixtureSampler
 from vlmkit.train.checkpoints import STATE_DIR, CheckpointManager
+from vlmkit.train.objectives import make_objective
 from vlmkit.train.stages import build_optimizer
 from vlmkit.train.state import load_training_state, read_progress
 from vlmkit.utils.io import append_jsonl
 
 log = logging.getLogger("vlmkit.train")
 
-IGNORE_INDEX = -100
 EncodeFn = Callable[[Any, Path], tuple[Any, list[torch.Tensor]]]
 
 
 class StopRun(Exception):
     """Raised after ``stop_after_steps`` global steps: the run ends as if killed (tests)."""
-
-
-def count_targets(labels: torch.Tensor) -> int:
-    """Target tokens of a next-token loss: labels that are not ignored, after the shift."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def stage_total_steps(stage: StageConfig, mixture_size: int, max_steps: int | None = None) -> int:
@@ -109,9 +104,10 @@ class StepResult:
     grad_norm: float
     lr: float
     lrs: dict[str, float]
-    n_targets: int
+    n_targets: int  # what the objective counts: target tokens (next_token) or pairs (dpo)
     n_tokens: int
     data_s: float = 0.0  # seconds spent drawing, encoding and collating the step's rows
+    stats: dict[str, float] = field(default_factory=dict)  # objective metrics, means over n_targets
 
 
 class StageTrainer:
@@ -126,6 +122,7 @@ class StageTrainer:
         self.mixture = MixtureSampler(sizes, stage.data, seed=stage_seed(ctx.seed, stage_index))
         self.total_steps = stage_total_steps(stage, len(self.mixture), ctx.max_steps)
         self.optimizer, self.scheduler, self.selected = build_optimizer(model, stage, self.total_steps)
+        self.objective = make_objective(stage, model, ctx.run_dir)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.stage_step = 0
 
@@ -150,16 +147,11 @@ class StageTrainer:
         n, accum = self.stage.batch_size, self.stage.grad_accum
         step_items = [self.next_item() for _ in range(n * accum)]
         if self.stage.group_by_length:
-            step_items.sort(key=lambda item: len(item[0].input_ids))  # stable: ties keep the draw order
-        batches = []
-        for k in range(accum):
-            items = step_items[k * n : (k + 1) * n]
-            encoded = [e for e, _ in items]
-            pixels = [px for _, pxs in items for px in pxs]
-            batch = self.ctx.collate_fn(encoded, pixels, self.ctx.pad_id, padding_side="right")
-            batch["sample_ids"] = [getattr(e, "sample_id", None) for e in encoded]
-            batches.append(batch)
-        return batches
+            step_items.sort(key=self.objective.length)  # stable: ties keep the draw order
+        return [
+            self.objective.collate(step_items[k * n : (k + 1) * n], self.ctx.collate_fn, self.ctx.pad_id)
+            for k in range(accum)
+        ]
 
     # ---------------------------------------------------------------- one step
 
@@ -171,41 +163,30 @@ class StageTrainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def forward_backward(self, batches: list[dict]) -> tuple[float, int, int]:
-        """Accumulate gradients of the step's token-mean loss; returns (loss, targets, tokens)."""
-        total = sum(count_targets(b["labels"]) for b in batches)
+    def forward_backward(self, batches: list[dict]) -> tuple[float, int, int, dict[str, float]]:
+        """Accumulate gradients of the step's mean loss (per target token, or per pair);
+        returns (loss, count, tokens, objective stats as means)."""
+        total = sum(self.objective.count(b) for b in batches)
         denom = max(total, 1)
-        loss_sum, seen_targets, tokens = torch.zeros((), dtype=torch.float64), 0, 0
+        loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0
+        stats: dict[str, float] = {}
         for batch in batches:
             batch = self._to_device(batch)
-            # tiled images: the layouts say which tiles belong to which image
-            tiled = {"image_layouts": batch["image_layouts"]} if batch.get("image_layouts") else {}
             with self._autocast():
-                out = self.model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    pixel_values=batch.get("pixel_values"),
-                    labels=batch["labels"],
-                    sample_ids=batch.get("sample_ids"),
-                    **tiled,
-                )
-            (out.loss_sum.float() / denom).backward()
-            loss_sum += out.loss_sum.detach().double().cpu()
-            seen_targets += int(out.n_targets)
+                part, _, part_stats = self.objective.loss_sum(self.model, batch)
+            (part.float() / denom).backward()
+            loss_sum += part.detach().double().cpu()
             tokens += int(batch["attention_mask"].sum())
-        if seen_targets != total:
-            raise RuntimeError(
-                f"the model counted {seen_targets} target tokens, the trainer {total}: "
-                "labels must be unshifted, -100 where no loss (see count_targets)"
-            )
-        return float(loss_sum / denom), total, tokens
+            for k, v in part_stats.items():
+                stats[k] = stats.get(k, 0.0) + v
+        return float(loss_sum / denom), total, tokens, {k: v / denom for k, v in stats.items()}
 
     def train_step(self) -> StepResult:
         self.model.train()
         t0 = time.perf_counter()
         batches = self.next_micro_batches()
         data_s = time.perf_counter() - t0
-        loss, n_targets, n_tokens = self.forward_backward(batches)
+        loss, n_targets, n_tokens, stats = self.forward_backward(batches)
         clip = self.stage.grad_clip if self.stage.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
@@ -215,7 +196,7 @@ class StageTrainer:
         self.stage_step += 1
         self.ctx.global_step += 1
         self.ctx.tokens_seen += n_tokens
-        return StepResult(loss, grad_norm, max(lrs.values()), lrs, n_targets, n_tokens, data_s)
+        return StepResult(loss, grad_norm, max(lrs.values()), lrs, n_targets, n_tokens, data_s, stats)
 
     # ---------------------------------------------------------------- state
 
@@ -266,6 +247,7 @@ class StageTrainer:
             "tokens_seen": self.ctx.tokens_seen,
             "elapsed_s": round(self.ctx.elapsed(), 3),
             "bad_samples": len(self.ctx.bad_log.bad),
+            **result.stats,
         }
         append_jsonl(self.ctx.metrics_path, row)
         window.update(tokens=0, data_s=0.0, t0=now)

@@ -1,0 +1,135 @@
+"""What a stage optimises: how its items become batches, what its loss counts, and the loss.
+
+The trainer normalises every step by the objective's count over all of the step's
+micro-batches (target tokens for next-token prediction, pairs for DPO), so the gradient is that
+of the mean over the step whatever the split into micro-batches.
+
+* ``NextTokenObjective``: cross-entropy on the assistant turns (the model computes it).
+* ``DPOObjective``: Direct Preference Optimization (Rafailov et al. 2023) on preference pairs:
+  the chosen and rejected answers of a micro-batch's pairs go through the model as one batch
+  (chosen rows first), their sequence log-probabilities are compared with those of a frozen
+  reference model -- the model as the stage begins, saved once to
+  ``<run>/reference-<stage>.safetensors`` so that a resumed run compares against the same
+  weights -- or with none (``dpo.reference_free``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from vlmkit.config import StageConfig
+from vlmkit.train.losses import dpo_loss, sequence_logprobs
+
+IGNORE_INDEX = -100
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Target tokens of a next-token loss: labels that are not ignored, after the shift."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _model_inputs(batch: dict) -> dict:
+    tiled = {"image_layouts": batch["image_layouts"]} if batch.get("image_layouts") else {}
+    return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch.get("pixel_values"), sample_ids=batch.get("sample_ids"), **tiled)  # fmt: skip
+
+
+class NextTokenObjective:
+    """Mean cross-entropy over the step's target tokens."""
+
+    unit = "targets"
+
+    def length(self, item) -> int:
+        return len(item[0].input_ids)
+
+    def collate(self, items: list, collate_fn, pad_id: int) -> dict:
+        encoded = [e for e, _ in items]
+        pixels = [px for _, pxs in items for px in pxs]
+        batch = collate_fn(encoded, pixels, pad_id, padding_side="right")
+        batch["sample_ids"] = [getattr(e, "sample_id", None) for e in encoded]
+        return batch
+
+    def count(self, batch: dict) -> int:
+        return count_targets(batch["labels"])
+
+    def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+        out = model(labels=batch["labels"], **_model_inputs(batch))
+        counted = int(out.n_targets)
+        if counted != self.count(batch):
+            raise RuntimeError(
+                f"the model counted {counted} target tokens, the trainer {self.count(batch)}: "
+                "labels must be unshifted, -100 where no loss (see count_targets)"
+            )
+        return out.loss_sum, counted, {}
+
+
+class DPOObjective:
+    """Mean DPO loss over the step's pairs; logs the mean implicit rewards and how often the
+    chosen answer's reward is the higher (``reward_accuracy``)."""
+
+    unit = "pairs"
+
+    def __init__(self, beta: float, reference: nn.Module | None) -> None:
+        self.beta = beta
+        self.reference = reference
+
+    def length(self, item) -> int:
+        chosen, rejected = item[0]
+        return max(len(chosen.input_ids), len(rejected.input_ids))
+
+    def collate(self, items: list, collate_fn, pad_id: int) -> dict:
+        chosen = [c for (c, _), _ in items]
+        rejected = [r for (_, r), _ in items]
+        pixels = [px for _, pxs in items for px in pxs]
+        batch = collate_fn(chosen + rejected, pixels + pixels, pad_id, padding_side="right")
+        batch["sample_ids"] = [e.sample_id for e in chosen + rejected]
+        batch["n_pairs"] = len(items)
+        return batch
+
+    def count(self, batch: dict) -> int:
+        return batch["n_pairs"]
+
+    def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+        n = batch["n_pairs"]
+        logps = sequence_logprobs(model(**_model_inputs(batch)).logits, batch["labels"])  # [2n]
+        ref_c = ref_r = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = sequence_logprobs(self.reference(**_model_inputs(batch)).logits, batch["labels"])
+            ref_c, ref_r = ref[:n], ref[n:]
+        losses, chosen_r, rejected_r = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, self.beta)
+        stats = {
+            "reward_chosen": float(chosen_r.sum()),
+            "reward_rejected": float(rejected_r.sum()),
+            "reward_accuracy": float((chosen_r > rejected_r).float().sum()),
+        }
+        return losses.sum(), n, stats
+
+
+def frozen_reference(model: nn.Module, path: Path) -> nn.Module:
+    """A frozen copy of ``model`` with the weights saved at ``path``; the first call saves the
+    model's current weights there (atomically), so a resumed stage gets the same reference."""
+    reference = copy.deepcopy(model)
+    if path.exists():
+        safetensors.torch.load_model(reference, str(path), strict=True, device=str(next(model.parameters()).device))
+    else:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        safetensors.torch.save_model(model, str(tmp))
+        os.replace(tmp, path)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def make_objective(stage: StageConfig, model: nn.Module, run_dir: Path):
+    if stage.objective == "next_token":
+        return NextTokenObjective()
+    reference = None
+    if not stage.dpo.reference_free:
+        reference = frozen_reference(model, Path(run_dir) / f"reference-{stage.name}.safetensors")
+    return DPOObjective(stage.dpo.beta, reference)
