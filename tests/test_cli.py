@@ -68,3 +68,16 @@ def test_data_check_flags_bad_rows(tiny_world, tmp_path):
     assert r.returncode == 1
     assert rows[1]["id"] in r.stdout and "path_escapes_root" in r.stdout
     assert "malformed_row" in r.stdout
+
+
+def test_ablate_and_eval_image_as_text(tiny_world, tmp_path):
+    from test_ablate import TINY
+
+    sets = [a for s in TINY for a in ("--set", s)]
+    r = vlmkit("ablate", "connectors-quick", "--out", tmp_path / "ab", "--data", tiny_world, "--only", "mlp", *sets)
+    assert r.returncode == 0, r.stderr
+    assert "| mlp |" in r.stdout and (tmp_path / "ab" / "table.md").exists()
+    final = tmp_path / "ab" / "variants" / "mlp" / "final"
+    r = vlmkit("eval", final, "--data", tiny_world, "--out", tmp_path / "iat", "--limit", 2, "--image-as-text", final)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "iat" / "results.json").read_text())["model"]["image_as_text"]["captioner"]
