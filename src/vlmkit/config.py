@@ -151,6 +151,19 @@ class DataSource(StrictModel):
 # ------------------------------------------------------------------ training
 
 
+class LoRAConfig(StrictModel):
+    """LoRA adapters (Hu et al. 2021, through peft) for one stage: the adapted parts' base
+    weights stay frozen, a trainable entry naming such a part trains its adapters, and the
+    adapters are merged into the weights when the stage ends (train/lora.py)."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    parts: list[Literal["llm", "vision"]] = Field(default_factory=lambda: ["llm"])  # never the connector
+    # "all-linear" (the part's linear layers, the LM head excluded) or layer-name globs: [q_proj, v_proj]
+    modules: Literal["all-linear"] | list[str] = "all-linear"
+
+
 class DPOConfig(StrictModel):
     """Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference: the
     model as the stage begins (saved to ``<run>/reference-<stage>/``), or none."""
@@ -166,6 +179,7 @@ class StageConfig(StrictModel):
     # next_token: cross-entropy on assistant turns; dpo: preference pairs (sources in llava-preference format)
     objective: Literal["next_token", "dpo"] = "next_token"
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    lora: LoRAConfig | None = None  # train the named parts through LoRA adapters
     data: dict[str, float]  # source name -> mixture weight
     trainable: list[str]  # part names ("vision", "connector", "llm") or parameter-name globs
     lr: dict[str, float] | float  # per trainable entry, or one rate for all

@@ -41,6 +41,8 @@ def save_checkpoint(model: VisionLanguageModel, tokenizer, out_dir, recipe: Reci
         # "vision_hf_config" and "vision": what the vision config alone can't rebuild (models/vision.py)
         **vision_state(model.vision),
     }
+    if getattr(model, "lora_state", None):  # a checkpoint in the middle of a LoRA stage
+        meta["lora"] = model.lora_state
     with atomic_directory(out_dir) as tmp:
         tokenizer.save_pretrained(str(tmp))
         # after the tokenizer: its save must not leave a config.json of its own
@@ -92,6 +94,11 @@ def load_checkpoint(path, device="cpu") -> tuple[VisionLanguageModel, object]:
         target_rms=1.0,  # the gain is overwritten by the saved weights
     )
     model = VisionLanguageModel(model_cfg, vision, connector, llm, meta["image_token_id"])
+    if meta.get("lora"):  # saved with LoRA adapters: rebuild them before loading the weights
+        from vlmkit.config import LoRAConfig
+        from vlmkit.models.lora import add_lora
+
+        add_lora(model, LoRAConfig.model_validate(meta["lora"]))
     if model.tokens_per_image != meta["tokens_per_image"]:
         raise CheckpointError(
             f"{path}: rebuilt model has {model.tokens_per_image} tokens per image, saved {meta['tokens_per_image']}"

@@ -142,6 +142,11 @@ def hf_llava_obstacles(meta: dict) -> list[str]:
             "processor equivalent: LlavaImageProcessor's do_pad pads to a square before resizing, "
             "which gives other pixels"
         )
+    if meta.get("lora"):
+        reasons.append(
+            "it holds unmerged LoRA adapters (a checkpoint taken inside a LoRA stage); the stage's end "
+            "merges them, so export a stage-end or final checkpoint"
+        )
     if cfg.tiling is not None:
         reasons.append(
             f"tiling ({cfg.tiling.mode}) splits an image into several tiles; "

@@ -27,18 +27,19 @@ def _parts(model: nn.Module) -> dict[str, nn.Module]:
     return dict(parts()) if callable(parts) else {}
 
 
-def _matches(entry: str, named: list[tuple[str, nn.Parameter]], parts: dict[str, nn.Module]):
+def _matches(entry: str, named: list[tuple[str, nn.Parameter]], parts: dict[str, nn.Module], adapted: set[str]):
     if entry in parts:
-        ids = {id(p) for p in parts[entry].parameters()}
+        ids = {id(p) for n, p in parts[entry].named_parameters() if entry not in adapted or "lora_" in n}
         return [(n, p) for n, p in named if id(p) in ids]
     return [(n, p) for n, p in named if fnmatchcase(n, entry)]
 
 
-def select_trainable(model: nn.Module, entries: list[str]) -> Selected:
+def select_trainable(model: nn.Module, entries: list[str], adapted: set[str] = frozenset()) -> Selected:
     """Map each entry to its parameters and set ``requires_grad`` on exactly those.
 
     A parameter matched by several entries belongs to the first. An entry that matches no
     parameter at all is a ``ConfigError`` naming it (a typo must not silently freeze a part).
+    An entry naming a part in ``adapted`` (LoRA) selects that part's adapter weights only.
     """
     if not entries:
         raise ConfigError("trainable: at least one entry is needed")
@@ -47,7 +48,7 @@ def select_trainable(model: nn.Module, entries: list[str]) -> Selected:
     taken: set[int] = set()
     selected: Selected = {}
     for entry in entries:
-        matches = _matches(entry, named, parts)
+        matches = _matches(entry, named, parts, set(adapted))
         if not matches:
             known = sorted(parts) or [n for n, _ in named[:5]]
             raise ConfigError(
@@ -109,7 +110,8 @@ def build_optimizer(
     model: nn.Module, stage: StageConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, Selected]:
     """Freeze all but the stage's trainable parameters; AdamW over them with the stage schedule."""
-    selected = select_trainable(model, stage.trainable)
+    adapted = set(stage.lora.parts) if stage.lora is not None else set()
+    selected = select_trainable(model, stage.trainable, adapted)
     groups = param_groups(selected, stage.lr, stage.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
 

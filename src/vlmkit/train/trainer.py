@@ -32,6 +32,7 @@ from vlmkit.config import StageConfig
 from vlmkit.data.bad_samples import BadSampleError, BadSampleLog, TooManyBadSamples
 from vlmkit.data.mixture import MixtureSampler
 from vlmkit.train.checkpoints import STATE_DIR, CheckpointManager
+from vlmkit.models.lora import add_lora, has_lora, merge_lora
 from vlmkit.train.objectives import make_objective
 from vlmkit.train.stages import build_optimizer
 from vlmkit.train.state import load_training_state, read_progress
@@ -121,6 +122,8 @@ class StageTrainer:
         sizes = {name: len(sources[name].samples) for name in stage.data}
         self.mixture = MixtureSampler(sizes, stage.data, seed=stage_seed(ctx.seed, stage_index))
         self.total_steps = stage_total_steps(stage, len(self.mixture), ctx.max_steps)
+        if stage.lora is not None and not has_lora(model):  # (a mid-stage checkpoint has them already)
+            add_lora(model, stage.lora)
         self.optimizer, self.scheduler, self.selected = build_optimizer(model, stage, self.total_steps)
         self.objective = make_objective(stage, model, ctx.run_dir)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -276,6 +279,8 @@ class StageTrainer:
                 bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
                 if self._should_log():
                     self._log(result, window)
+                if self.stage_step >= self.total_steps and self.stage.lora is not None:
+                    merge_lora(self.model)  # the stage ends with plain weights
                 if self._should_save():
                     self.save()
                 stop = self.ctx.stop_after_steps
