@@ -212,3 +212,42 @@ def test_sample_encoder_text_cache_is_keyed_by_content():
     c = enc.encode(Sample("s", [ask, Turn.of_text("assistant", "yes")], []), ".")[0]
     assert a.input_ids == c.input_ids == [ord("y"), ord("e"), ord("s")] and b.input_ids == [ord("n"), ord("o")]
     assert encodes == ["yes", "no"]
+
+
+class NaNOnCalls(ToyVLM):
+    """A toy model whose loss is NaN on the given forward calls (1-based)."""
+
+    def __init__(self, bad_calls):
+        super().__init__(seed=0)
+        self.calls, self.bad = 0, set(bad_calls)
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        self.calls += 1
+        if self.calls in self.bad:
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path):
+    model = NaNOnCalls(bad_calls={2})
+    trainer = StageTrainer(model, _stage(grad_accum=1, steps=4), 0, SOURCES, fake_encode, _ctx(tmp_path / "nan"))
+    trainer.train_step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train_step()  # NaN: no update
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert trainer.ctx.nonfinite_skipped == 1 and trainer.stage_step == 2
+    trainer.train_step()  # finite again: updates, and the run of NaN steps is over
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert trainer.ctx.nonfinite_in_a_row == 0
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path):
+    from vlmkit.train.trainer import NonFiniteLoss
+
+    model = NaNOnCalls(bad_calls={2, 3, 4})
+    ctx = _ctx(tmp_path / "nan3", max_nonfinite_in_a_row=3)
+    trainer = StageTrainer(model, _stage(grad_accum=1, steps=6), 0, SOURCES, fake_encode, ctx)
+    with pytest.raises(NonFiniteLoss, match=r"step 4.*3 non-finite steps in a row.*samples: \['") as err:
+        trainer.run()
+    assert "stage s" in str(err.value)

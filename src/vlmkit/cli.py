@@ -194,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     from vlmkit.config import ConfigError
     from vlmkit.data.bad_samples import TooManyBadSamples
+    from vlmkit.train.trainer import NonFiniteLoss
 
     try:
         return args.func(args)
-    except (ConfigError, TooManyBadSamples) as err:
+    except (ConfigError, TooManyBadSamples, NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

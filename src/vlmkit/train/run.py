@@ -286,6 +286,7 @@ def train(
         save_every=save_every if save_every is not None else recipe.train.save_every,
         max_steps=max_steps,
         stop_after_steps=stop_after_steps,
+        max_nonfinite_in_a_row=recipe.train.max_nonfinite_in_a_row,
     )
     try:
         train_stages(model, recipe.stages, sources, make_encode, ctx, resume_from=ckpt)

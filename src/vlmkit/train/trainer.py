@@ -47,6 +47,10 @@ class StopRun(Exception):
     """Raised after ``stop_after_steps`` global steps: the run ends as if killed (tests)."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
 def stage_total_steps(stage: StageConfig, mixture_size: int, max_steps: int | None = None) -> int:
     """``stage.steps``, or ``epochs`` passes over the mixture; capped by ``max_steps``."""
     if stage.steps is not None:
@@ -75,6 +79,9 @@ class RunContext:
     max_steps: int | None = None
     stop_after_steps: int | None = None
     progress_bar: bool = True
+    max_nonfinite_in_a_row: int = 3
+    nonfinite_in_a_row: int = 0
+    nonfinite_skipped: int = 0
     global_step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0
@@ -95,6 +102,9 @@ class RunContext:
         self.tokens_seen = progress["tokens_seen"]
         self.elapsed_before = progress.get("elapsed_s", 0.0)
         self.started = time.perf_counter()
+        nonfinite = progress.get("nonfinite", {})
+        self.nonfinite_in_a_row = nonfinite.get("in_a_row", 0)
+        self.nonfinite_skipped = nonfinite.get("skipped", 0)
         self.bad_log.seen = progress["bad_samples"]["seen"]
         self.bad_log.bad = [tuple(b) for b in progress["bad_samples"]["bad"]]
 
@@ -193,13 +203,33 @@ class StageTrainer:
         clip = self.stage.grad_clip if self.stage.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        self.optimizer.step()
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.ctx.nonfinite_in_a_row = 0
+            self.optimizer.step()
+        else:
+            self._skip_nonfinite(loss, grad_norm, batches)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.stage_step += 1
         self.ctx.global_step += 1
         self.ctx.tokens_seen += n_tokens
         return StepResult(loss, grad_norm, max(lrs.values()), lrs, n_targets, n_tokens, data_s, stats)
+
+    def _skip_nonfinite(self, loss: float, grad_norm: float, batches: list[dict]) -> None:
+        """No update for this step (the schedule and the data still move on); too many such
+        steps in a row stop the run, naming the step and its samples."""
+        ctx = self.ctx
+        ctx.nonfinite_in_a_row += 1
+        ctx.nonfinite_skipped += 1
+        step = ctx.global_step + 1
+        ids = [sid for b in batches for sid in b.get("sample_ids", [])]
+        what = f"stage {self.stage.name} step {step}: loss {loss}, gradient norm {grad_norm}"
+        if ctx.nonfinite_in_a_row >= ctx.max_nonfinite_in_a_row:
+            raise NonFiniteLoss(
+                f"{what}: {ctx.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_in_a_row); "
+                f"the last step's samples: {ids}"
+            )
+        tqdm.write(f"skipped {what} (non-finite; {ctx.nonfinite_skipped} skipped so far); samples: {ids}")
 
     # ---------------------------------------------------------------- state
 
@@ -214,6 +244,7 @@ class StageTrainer:
             "tokens_seen": self.ctx.tokens_seen,
             "elapsed_s": self.ctx.elapsed(),
             "bad_samples": self.ctx.bad_state(),
+            "nonfinite": {"in_a_row": self.ctx.nonfinite_in_a_row, "skipped": self.ctx.nonfinite_skipped},
         }
 
     def load_state(self, state_dir: Path) -> None:
@@ -250,6 +281,7 @@ class StageTrainer:
             "tokens_seen": self.ctx.tokens_seen,
             "elapsed_s": round(self.ctx.elapsed(), 3),
             "bad_samples": len(self.ctx.bad_log.bad),
+            "skipped_nonfinite": self.ctx.nonfinite_skipped,
             **result.stats,
         }
         append_jsonl(self.ctx.metrics_path, row)
