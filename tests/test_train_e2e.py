@@ -98,3 +98,16 @@ def test_too_many_bad_samples_stop_the_run(tiny_world, tmp_path):
     tree["stages"] = [tree["stages"][1]]
     with pytest.raises(TooManyBadSamples, match="undecodable_image"):
         train(recipe_from_dict(tree), data_dir=data, out_dir=tmp_path / "run")
+
+
+def test_tensorboard_events_hold_the_logged_losses(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = tiny_run
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl")}
+    scalars = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert scalars.keys() == logged.keys()
+    assert all(abs(scalars[k] - logged[k]) < 1e-5 * max(1.0, abs(logged[k])) for k in logged)
+    assert any(tag.startswith("lr/") for tag in events.Tags()["scalars"])

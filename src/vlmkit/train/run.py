@@ -288,11 +288,19 @@ def train(
         stop_after_steps=stop_after_steps,
         max_nonfinite_in_a_row=recipe.train.max_nonfinite_in_a_row,
     )
+    if recipe.train.tensorboard:
+        from vlmkit.train.metric_sinks import TensorBoardSink
+
+        purge = int(ckpt.name.split("-")[1]) + 1 if ckpt is not None else None
+        ctx.sinks.append(TensorBoardSink(out / "tensorboard", purge_step=purge))
     try:
         train_stages(model, recipe.stages, sources, make_encode, ctx, resume_from=ckpt)
     except StopRun as stop:
         log.warning("%s (stop_after_steps)", stop)
         return None
+    finally:
+        for sink in ctx.sinks:
+            sink.close()
     final = out / "final"
     with atomic_directory(final) as tmp:
         save_model(model, tmp)

@@ -80,6 +80,7 @@ class RunContext:
     stop_after_steps: int | None = None
     progress_bar: bool = True
     max_nonfinite_in_a_row: int = 3
+    sinks: list = field(default_factory=list)  # more destinations of the metric rows (TensorBoard)
     nonfinite_in_a_row: int = 0
     nonfinite_skipped: int = 0
     global_step: int = 0
@@ -285,6 +286,8 @@ class StageTrainer:
             **result.stats,
         }
         append_jsonl(self.ctx.metrics_path, row)
+        for sink in self.ctx.sinks:
+            sink(row)
         window.update(tokens=0, data_s=0.0, t0=now)
 
     def _should_log(self) -> bool:
