@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from vlmkit.config import ConfigError, DataSource, StageConfig, StrictModel, load_recipe, recipe_from_dict
 from vlmkit.utils.io import append_jsonl, atomic_write_text, read_jsonl
@@ -58,7 +58,8 @@ class AblationConfig(StrictModel):
 
 
 def load_ablation(path: str | Path, overrides: list[str] = ()) -> AblationConfig:
-    from vlmkit.config import _format_errors, _set_path, parse_override
+    """An ablation file (a path, or the name of one in ``recipes/ablations``), with ``--set`` overrides."""
+    from vlmkit.config import validate_tree
 
     path = Path(path)
     if not path.exists():
@@ -67,13 +68,7 @@ def load_ablation(path: str | Path, overrides: list[str] = ()) -> AblationConfig
             raise ConfigError(f"ablation {path} not found")
         path = builtin
     tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_path(tree, key, value)
-    try:
-        return AblationConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, str(path))) from None
+    return validate_tree(AblationConfig, tree, list(overrides), str(path), what="ablation file")
 
 
 def _stage_dicts(stages: list[StageConfig]) -> list[dict]:

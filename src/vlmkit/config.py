@@ -284,8 +284,8 @@ class Recipe(StrictModel):
 # ------------------------------------------------------------------ loading and overrides
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid recipe {source}:"]
+def _format_errors(err: ValidationError, source: str, what: str = "recipe") -> str:
+    lines = [f"invalid {what} {source}:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
@@ -344,7 +344,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def recipe_from_dict(tree: dict, overrides: list[str] = (), source: str = "<dict>") -> Recipe:
+def validate_tree(cls: type[BaseModel], tree: dict, overrides: list[str] = (), source: str = "<dict>",
+                  what: str = "recipe"):  # fmt: skip
+    """``cls`` validated from ``tree`` after the ``--set`` overrides; errors name the key path."""
     import copy
 
     tree = copy.deepcopy(tree)
@@ -352,9 +354,13 @@ def recipe_from_dict(tree: dict, overrides: list[str] = (), source: str = "<dict
         key, value = parse_override(text)
         _set_path(tree, key, value)
     try:
-        return Recipe.model_validate(tree)
+        return cls.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, what)) from None
+
+
+def recipe_from_dict(tree: dict, overrides: list[str] = (), source: str = "<dict>") -> Recipe:
+    return validate_tree(Recipe, tree, overrides, source)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
