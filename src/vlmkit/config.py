@@ -197,6 +197,9 @@ class StageConfig(StrictModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0)
     max_seq_len: int = Field(256, gt=0)
+    # next_token: compute the loss from the hidden states this many target positions at a time,
+    # never holding the whole logits tensor (None: the LM's own full logits)
+    loss_chunk_tokens: int | None = Field(None, gt=0)
     log_every: int = Field(10, gt=0)
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ from vlmkit.models.cross_attention import (
     media_index_from_ids,
 )
 from vlmkit.models.vision import VisionEncoder, build_vision_encoder
-from vlmkit.train.losses import next_token_loss
+from vlmkit.train.losses import chunked_next_token_loss, next_token_loss
 
 IMAGE_TOKEN = "<image>"
 LLM_PRESETS = ("tiny-llama",)
@@ -40,7 +40,7 @@ class ImageTokenMismatch(ValueError):
 
 @dataclass
 class VLMOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V] (None when the loss was computed in chunks)
     loss_sum: torch.Tensor | None  # scalar: summed token CE over targets (None without labels)
     n_targets: torch.Tensor | None  # int64 scalar: number of target tokens (None without labels)
 
@@ -469,15 +469,25 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         sample_ids: Sequence | None = None,
         image_layouts: Sequence[TileLayout] | None = None,
+        loss_chunk_tokens: int | None = None,
     ) -> VLMOutput:
+        """Logits (and with ``labels`` the summed loss and target count). With
+        ``loss_chunk_tokens`` the loss is computed from the hidden states a chunk of target
+        positions at a time and no logits are returned (``train.losses.chunked_next_token_loss``)."""
         embeds = self.embed(input_ids, pixel_values, sample_ids, image_layouts)
+        llm_inputs = dict(inputs_embeds=embeds, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask), use_cache=False)  # fmt: skip
+        if loss_chunk_tokens is not None and labels is not None:
+            text_cfg = self.llm.config.get_text_config()
+            if getattr(text_cfg, "final_logit_softcapping", None):
+                raise ValueError("loss_chunk_tokens: this LLM soft-caps its logits; train it without chunking")
+            with self.reading_images(input_ids, pixel_values):
+                hidden = self.llm.get_decoder()(**llm_inputs).last_hidden_state
+            loss_sum, n_targets = chunked_next_token_loss(hidden, labels, self.llm.get_output_embeddings(),
+                                                          loss_chunk_tokens)  # fmt: skip
+            return VLMOutput(logits=None, loss_sum=loss_sum, n_targets=n_targets)
         with self.reading_images(input_ids, pixel_values):
-            out = self.llm(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False,
-            )
+            out = self.llm(**llm_inputs)
         logits = out.logits
         loss_sum = n_targets = None
         if labels is not None:

@@ -61,3 +61,37 @@ def dpo_loss(
     rejected_rewards = beta * (policy_rejected - ref_r)
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def _chunk_ce_sum(hidden: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), target, reduction="sum")
+
+
+def chunked_next_token_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``next_token_loss`` from the LM's last hidden states ``[B, T, D]``, never holding the logits
+    of more than ``chunk_tokens`` positions: only target positions go through the LM head, a
+    chunk at a time, and each chunk's logits are recomputed in the backward pass instead of
+    being kept (activation checkpointing). The same sum and count as the full computation.
+
+    Written here because the logits are the largest activation of a small-LM VLM step
+    (positions x vocabulary, e.g. 2k x 49k floats per row) and transformers computes them whole.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
+    if chunk_tokens < 1:
+        raise ValueError("chunk_tokens must be >= 1")
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    keep = target != IGNORE_INDEX
+    h, target = h[keep], target[keep]
+    n_targets = keep.sum()
+    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, target.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        loss_sum = loss_sum + checkpoint(_chunk_ce_sum, h[part], target[part], head.weight, head.bias,
+                                         use_reentrant=False)  # fmt: skip
+    return loss_sum, n_targets

@@ -41,9 +41,13 @@ def _model_inputs(batch: dict) -> dict:
 
 
 class NextTokenObjective:
-    """Mean cross-entropy over the step's target tokens."""
+    """Mean cross-entropy over the step's target tokens (computed in chunks of
+    ``loss_chunk_tokens`` target positions when set)."""
 
     unit = "targets"
+
+    def __init__(self, loss_chunk_tokens: int | None = None) -> None:
+        self.chunk = {"loss_chunk_tokens": loss_chunk_tokens} if loss_chunk_tokens else {}
 
     def length(self, item) -> int:
         return len(item[0].input_ids)
@@ -59,7 +63,7 @@ class NextTokenObjective:
         return count_targets(batch["labels"])
 
     def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
-        out = model(labels=batch["labels"], **_model_inputs(batch))
+        out = model(labels=batch["labels"], **_model_inputs(batch), **self.chunk)
         counted = int(out.n_targets)
         if counted != self.count(batch):
             raise RuntimeError(
@@ -128,7 +132,7 @@ def frozen_reference(model: nn.Module, path: Path) -> nn.Module:
 
 def make_objective(stage: StageConfig, model: nn.Module, run_dir: Path):
     if stage.objective == "next_token":
-        return NextTokenObjective()
+        return NextTokenObjective(stage.loss_chunk_tokens)
     reference = None
     if not stage.dpo.reference_free:
         reference = frozen_reference(model, Path(run_dir) / f"reference-{stage.name}.safetensors")
