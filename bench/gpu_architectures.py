@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("gpu_train_throughput", HERE / "gpu_train_throughput.py")
 base_bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(base_bench)
+timed_window = base_bench.timed_window
 
 
 
@@ -76,9 +77,7 @@ def run_variant(args, root: Path, vdir: Path, ldir: Path, name: str) -> dict:
     t0 = time.perf_counter()
     final = train(recipe, data_dir=root / "world", out_dir=out)
     wall = time.perf_counter() - t0
-    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["stage_step"] > args.skip]
-    secs = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
-    steps = rows[-1]["step"] - rows[0]["step"]
+    rows, speed = timed_window(out / "metrics.jsonl", args.skip, args.batch)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
     from PIL import Image
 
@@ -94,10 +93,7 @@ def run_variant(args, root: Path, vdir: Path, ldir: Path, name: str) -> dict:
         torch.cuda.empty_cache()
     return {
         "bench": "gpu_architectures", "variant": name, "change": variants(size)[name],
-        "image_tokens_per_image": tokens_per_image, "steps_timed": steps, "batch": args.batch,
-        "step_s": round(secs / steps, 4), "tokens_per_s": round((rows[-1]["tokens_seen"] - rows[0]["tokens_seen"]) / secs),
-        "images_per_s": round(args.batch * steps / secs, 1), "peak_mem_gib": round(peak, 2),
-        "data_fraction": round(sum(r["data_fraction"] for r in rows[1:]) / max(len(rows) - 1, 1), 3),
+        "image_tokens_per_image": tokens_per_image, **speed, "peak_mem_gib": round(peak, 2),
         "first_loss": read_jsonl(out / "metrics.jsonl")[0]["loss"], "final_loss": rows[-1]["loss"],
         "generate_8_s": round(gen_s, 2), "answers_nonempty": sum(bool(a) for a in answers),
         "wall_s_incl_setup": round(wall, 1),

@@ -108,11 +108,25 @@ def model_flops_per_step(model, rows: list[dict], batch: int) -> float:
     return tokens * (6 * n_llm + attn_llm) + batch * patches * (6 * n_vision + attn_vis) + batch * patches * 6 * n_conn
 
 
+def timed_window(metrics_path: Path, skip: int, batch: int) -> tuple[list[dict], dict]:
+    """The metric rows after ``skip`` warm-up steps, and the throughput over them."""
+    from vlmkit.utils.io import read_jsonl
+
+    rows = [r for r in read_jsonl(metrics_path) if r["stage_step"] > skip]
+    secs = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
+    steps = rows[-1]["step"] - rows[0]["step"]
+    return rows, {
+        "steps_timed": steps, "batch": batch, "step_s": round(secs / steps, 4),
+        "tokens_per_s": round((rows[-1]["tokens_seen"] - rows[0]["tokens_seen"]) / secs),
+        "images_per_s": round(batch * steps / secs, 1),
+        "data_fraction": round(sum(r["data_fraction"] for r in rows[1:]) / max(len(rows) - 1, 1), 3),
+    }  # fmt: skip
+
+
 def run_variant(args, root: Path, vdir: Path, ldir: Path, attn: str) -> dict:
     from vlmkit.config import recipe_from_dict
     from vlmkit.models.checkpoint_io import load_checkpoint
     from vlmkit.train.run import train
-    from vlmkit.utils.io import read_jsonl
 
     out = root / f"run-{attn}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
@@ -122,18 +136,13 @@ def run_variant(args, root: Path, vdir: Path, ldir: Path, attn: str) -> dict:
     t0 = time.perf_counter()
     final = train(recipe, data_dir=root / "world", out_dir=out)
     wall = time.perf_counter() - t0
-    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["stage_step"] > args.skip]
-    secs = rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
-    steps = rows[-1]["step"] - rows[0]["step"]
+    rows, speed = timed_window(out / "metrics.jsonl", args.skip, args.batch)
     model, _ = load_checkpoint(final, device="cpu")
     flops = model_flops_per_step(model, rows, args.batch)
-    step_s = secs / steps
     return {
-        "bench": "gpu_train_throughput", "variant": attn, "steps_timed": steps, "batch": args.batch,
-        "step_s": round(step_s, 4), "tokens_per_s": round((rows[-1]["tokens_seen"] - rows[0]["tokens_seen"]) / secs),
-        "images_per_s": round(args.batch / step_s, 1), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-        "model_tflops_per_step": round(flops / 1e12, 2), "mfu": round(flops / step_s / (args.peak_tflops * 1e12), 4),
-        "data_fraction": round(sum(r["data_fraction"] for r in rows[1:]) / max(len(rows) - 1, 1), 3),
+        "bench": "gpu_train_throughput", "variant": attn, **speed,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "model_tflops_per_step": round(flops / 1e12, 2), "mfu": round(flops / speed["step_s"] / (args.peak_tflops * 1e12), 4),
         "final_loss": rows[-1]["loss"], "wall_s_incl_setup": round(wall, 1),
     }  # fmt: skip
 
