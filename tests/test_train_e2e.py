@@ -111,3 +111,25 @@ def test_tensorboard_events_hold_the_logged_losses(tiny_run):
     assert scalars.keys() == logged.keys()
     assert all(abs(scalars[k] - logged[k]) < 1e-5 * max(1.0, abs(logged[k])) for k in logged)
     assert any(tag.startswith("lr/") for tag in events.Tags()["scalars"])
+
+
+def test_wandb_is_optional_and_named_when_missing(tiny_world, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from vlmkit.config import ConfigError
+
+    tree = tiny_recipe_dict(steps=1)
+    tree["stages"] = tree["stages"][:1]
+    tree["train"] = {"wandb": {"project": "p"}, "tensorboard": False}
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ConfigError, match="wandb package is not installed"):
+        train(recipe_from_dict(tree), data_dir=tiny_world, out_dir=tmp_path / "missing")
+
+    logged, finished = [], []
+    fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(
+        log=lambda values, step: logged.append((step, values)), finish=lambda: finished.append(True)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    train(recipe_from_dict(tree), data_dir=tiny_world, out_dir=tmp_path / "fake")
+    assert logged and logged[0][0] == 1 and "train/loss" in logged[0][1] and finished == [True]
+    assert not (tmp_path / "fake" / "tensorboard").exists()

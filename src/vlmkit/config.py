@@ -213,12 +213,17 @@ class StageConfig(StrictModel):
         return self
 
 
+class WandbConfig(StrictModel):
+    project: str
+
+
 class TrainConfig(StrictModel):
     save_every: int | None = Field(None, gt=0)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     # a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
     max_nonfinite_in_a_row: int = Field(3, gt=0)
     tensorboard: bool = True  # metric rows also as TensorBoard scalars under <run>/tensorboard
+    wandb: WandbConfig | None = None  # also to Weights & Biases (needs the wandb package)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
 
 

@@ -37,3 +37,27 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class WandbSink:
+    """The same rows to Weights & Biases (``train.wandb: {project: NAME}``), only when asked for
+    and only if ``wandb`` is installed: vlmkit never requires it."""
+
+    def __init__(self, project: str, run_name: str, config: dict, run_dir: str | Path) -> None:
+        try:
+            import wandb
+        except ImportError:
+            from vlmkit.config import ConfigError
+
+            raise ConfigError("train.wandb is set but the wandb package is not installed (pip install wandb)") from None
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=run_name, config=config, dir=str(run_dir))
+
+    def __call__(self, row: dict) -> None:
+        values = {f"train/{k}": float(v) for k, v in row.items()
+                  if isinstance(v, Real) and not isinstance(v, bool) and k not in ("step", "stage_step")}  # fmt: skip
+        values.update({f"lr/{g}": float(lr) for g, lr in (row.get("lrs") or {}).items()})
+        self.run.log(values, step=int(row["step"]))
+
+    def close(self) -> None:
+        self.run.finish()

@@ -293,6 +293,10 @@ def train(
 
         purge = int(ckpt.name.split("-")[1]) + 1 if ckpt is not None else None
         ctx.sinks.append(TensorBoardSink(out / "tensorboard", purge_step=purge))
+    if recipe.train.wandb is not None:
+        from vlmkit.train.metric_sinks import WandbSink
+
+        ctx.sinks.append(WandbSink(recipe.train.wandb.project, recipe.name, recipe.model_dump(mode="json"), out))
     try:
         train_stages(model, recipe.stages, sources, make_encode, ctx, resume_from=ckpt)
     except StopRun as stop:
