@@ -251,3 +251,27 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteLoss, match=r"step 4.*3 non-finite steps in a row.*samples: \['") as err:
         trainer.run()
     assert "stage s" in str(err.value)
+
+
+def test_group_by_modality_keeps_the_rows_and_separates_image_free_ones(tmp_path):
+    from helpers_train import Enc
+
+    def encode(sample, root):  # every third sample has no image
+        enc, pixels = fake_encode(sample, root)
+        text_only = int(sample.id.split("-")[1]) % 3 == 0
+        return Enc(enc.input_ids, enc.labels, 0 if text_only else 1, enc.sample_id), [] if text_only else pixels
+
+    def step_rows(group):
+        model = ToyVLM(seed=0)
+        stage = _stage(batch_size=3, grad_accum=4, group_by_modality=group)
+        trainer = StageTrainer(model, stage, 0, SOURCES, encode, _ctx(tmp_path / f"m{group}"))
+        return trainer.next_micro_batches()
+
+    plain, grouped = step_rows(False), step_rows(True)
+    ids = lambda batches: sorted(i for b in batches for i in b["sample_ids"])  # noqa: E731
+    assert ids(plain) == ids(grouped)
+    kinds = [[int(i.split("-")[1]) % 3 == 0 for i in b["sample_ids"]] for b in grouped]
+    mixed = [k for k in kinds if len(set(k)) > 1]
+    assert len(mixed) <= 1  # text-only rows first, then image rows: at most one batch holds both
+    assert kinds[0][0]  # image-free rows come first
+    assert sum(len(set(k)) > 1 for k in [[int(i.split("-")[1]) % 3 == 0 for i in b["sample_ids"]] for b in plain]) >= len(mixed)

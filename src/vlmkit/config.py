@@ -190,6 +190,9 @@ class StageConfig(StrictModel):
     # micro-batches, so short rows are not padded to the longest (HF Trainer's group_by_length,
     # within one step): the step's loss and gradient stay those of the same rows
     group_by_length: bool = False
+    # sort the step's rows so image-free rows share micro-batches (which then skip the vision
+    # tower); with group_by_length too, by modality first, then length. Same rows, same loss
+    group_by_modality: bool = False
     steps: int | None = Field(None, gt=0)
     epochs: float | None = Field(None, gt=0)
     warmup_steps: int = Field(0, ge=0)

@@ -52,6 +52,9 @@ class NextTokenObjective:
     def length(self, item) -> int:
         return len(item[0].input_ids)
 
+    def has_images(self, item) -> bool:
+        return bool(item[1])
+
     def collate(self, items: list, collate_fn, pad_id: int) -> dict:
         encoded = [e for e, _ in items]
         pixels = [px for _, pxs in items for px in pxs]
@@ -86,6 +89,9 @@ class DPOObjective:
     def length(self, item) -> int:
         chosen, rejected = item[0]
         return max(len(chosen.input_ids), len(rejected.input_ids))
+
+    def has_images(self, item) -> bool:
+        return bool(item[1])
 
     def collate(self, items: list, collate_fn, pad_id: int) -> dict:
         chosen = [c for (c, _), _ in items]

@@ -160,8 +160,10 @@ class StageTrainer:
     def next_micro_batches(self) -> list[dict]:
         n, accum = self.stage.batch_size, self.stage.grad_accum
         step_items = [self.next_item() for _ in range(n * accum)]
-        if self.stage.group_by_length:
-            step_items.sort(key=self.objective.length)  # stable: ties keep the draw order
+        by_length, by_modality = self.stage.group_by_length, self.stage.group_by_modality
+        if by_length or by_modality:  # stable: ties keep the draw order
+            step_items.sort(key=lambda item: (self.objective.has_images(item) if by_modality else False,
+                                              self.objective.length(item) if by_length else 0))  # fmt: skip
         return [
             self.objective.collate(step_items[k * n : (k + 1) * n], self.ctx.collate_fn, self.ctx.pad_id)
             for k in range(accum)
