@@ -187,6 +187,27 @@ def with_pretrained_encoder(recipe: Recipe, data_dir: Path, encoder_dir: Path) -
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"vision": pretrained})})
 
 
+def enable_activation_checkpointing(model) -> list[str]:
+    """transformers' gradient checkpointing on every part that has it (the LLM's decoder layers,
+    HF vision transformers); returns the parts it was enabled on."""
+    enabled = []
+    modules = {"llm": model.llm}
+    for i, enc in enumerate(getattr(model.vision, "encoders", [model.vision])):
+        modules[f"vision.{i}"] = enc.model
+    for name, module in modules.items():
+        if getattr(module, "supports_gradient_checkpointing", False):
+            kwargs = {"use_reentrant": False}
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            enabled.append(name)
+    if "llm" not in enabled:
+        raise ConfigError("train.activation_checkpointing: the LLM does not support gradient checkpointing")
+    log.info("activation checkpointing on: %s", ", ".join(enabled))
+    return enabled
+
+
 def make_encoder(recipe: Recipe, model, tokenizer):
     """``stage -> encode`` sharing one image cache across stages."""
     from vlmkit.data.dataset import SampleEncoder
@@ -270,6 +291,8 @@ def train(
     model, tokenizer = prepare_model(recipe, sources, data, out, ckpt, resume)
     device = resolve_device(recipe.train.device)
     model.to(device)
+    if recipe.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     template, make_encode = make_encoder(recipe, model, tokenizer)
 
     def save_model(m, d):
