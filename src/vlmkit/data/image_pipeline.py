@@ -75,13 +75,15 @@ class ImagePipeline:
 
     def __call__(self, image: Image.Image) -> ImageInput:
         p = self.processor
+        if image.mode != "RGB":  # load_image already gives RGB; the Python API may not
+            image = image.convert("RGB")
         if self.tiling is None:
             return ImageInput(p(image).unsqueeze(0), tiling.TileLayout.single(image.size, p.size))
         if self.tiling.mode == "anyres":
             fill = tuple(int(round(m * 255)) for m in p.mean)
-            tiles, layout = tiling.anyres_tiles(image.convert("RGB"), p.size, self.pinpoints, p.geometry, fill=fill)
+            tiles, layout = tiling.anyres_tiles(image, p.size, self.pinpoints, p.geometry, fill=fill)
         else:
-            tiles, layout = tiling.split_tiles(image.convert("RGB"), p.size, self.max_side, p.geometry)
+            tiles, layout = tiling.split_tiles(image, p.size, self.max_side, p.geometry)
         return ImageInput(torch.stack([p(t) for t in tiles]), layout)
 
     def marker_tokens(self) -> list[str]:

@@ -121,6 +121,9 @@ def copy_parts(source, target, parts: list[str], where: str) -> None:
     """
     import re
 
+    def plain_name(key: str) -> str:  # layers.{i}.layer.X (wrapped for cross-attention) -> layers.{i}.X
+        return re.sub(r"(layers\.\d+)\.layer\.", r"\1.", key)
+
     for part in parts:
         src_state = source.parts()[part].state_dict()
         dst = target.parts()[part]
@@ -130,14 +133,14 @@ def copy_parts(source, target, parts: list[str], where: str) -> None:
             if ".xattn." in key and part == "llm":
                 new_state[key] = value
                 continue
-            src_key = key if key in src_state else re.sub(r"(layers\.\d+)\.layer\.", r"\1.", key)
+            src_key = key if key in src_state else plain_name(key)
             if src_key not in src_state:
                 missing.append(key)
             elif src_state[src_key].shape != value.shape:
                 mismatched.append(key)
             else:
                 new_state[key] = src_state[src_key]
-        used = {re.sub(r"(layers\.\d+)\.layer\.", r"\1.", k) for k in dst_state} | set(dst_state)
+        used = {plain_name(k) for k in dst_state} | set(dst_state)
         unexpected = [k for k in src_state if k not in used and ".xattn." not in k]
         if missing or mismatched or unexpected:
             raise ConfigError(
