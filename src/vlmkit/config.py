@@ -227,7 +227,7 @@ class TrainConfig(StrictModel):
     max_nonfinite_in_a_row: int = Field(3, gt=0)
     tensorboard: bool = True  # metric rows also as TensorBoard scalars under <run>/tensorboard
     # recompute each LLM decoder layer (and encoder layer, where the HF model supports it) in
-    # the backward pass instead of keeping its activations: less memory, about 30% more compute
+    # the backward pass instead of keeping its activations: less memory for more compute (not benchmarked yet)
     activation_checkpointing: bool = False
     wandb: WandbConfig | None = None  # also to Weights & Biases (needs the wandb package)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
