@@ -172,6 +172,14 @@ class DPOConfig(StrictModel):
     reference_free: bool = False  # compare the policy's own log-probabilities, no reference model
 
 
+class PackingConfig(StrictModel):
+    """Sequence packing (``data.packing``): the micro-batch's samples share rows of at most
+    ``tokens`` tokens and ``max_images`` images, each sample attending only to itself."""
+
+    tokens: int = Field(..., gt=0)  # row budget; at least the stage's max_seq_len
+    max_images: int | None = Field(None, gt=0)  # per row; None: no image budget
+
+
 class StageConfig(StrictModel):
     """One training stage: what trains, on which data, for how long, at which rates."""
 
@@ -203,12 +211,22 @@ class StageConfig(StrictModel):
     # next_token: compute the loss from the hidden states this many target positions at a time,
     # never holding the whole logits tensor (None: the LM's own full logits)
     loss_chunk_tokens: int | None = Field(None, gt=0)
+    packing: PackingConfig | None = None  # next_token stages: pack the micro-batch's samples into rows
+    # under torchrun: DistributedDataParallel, or FSDP2 (fully_shard); every stage of a run the same
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     log_every: int = Field(10, gt=0)
 
     @model_validator(mode="after")
     def _length(self) -> "StageConfig":
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of steps or epochs")
+        if self.packing is not None:
+            if self.objective != "next_token":
+                raise ValueError("packing: only next_token stages pack (a DPO pair's two answers share one prompt)")
+            if self.packing.tokens < self.max_seq_len:
+                raise ValueError(f"packing.tokens ({self.packing.tokens}) must be at least max_seq_len ({self.max_seq_len})")
+            if self.group_by_length:
+                raise ValueError("packing and group_by_length: packing already removes the padding; choose one")
         if isinstance(self.lr, dict):
             missing = [t for t in self.trainable if t not in self.lr]
             if missing:

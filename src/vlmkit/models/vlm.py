@@ -233,6 +233,9 @@ class VisionLanguageModel(nn.Module):
             if tiling.mode == "anyres" and tiling.newline:
                 self.newline = ImageNewline(llm.config.get_text_config().hidden_size)
 
+    # set by data-parallel training (train.parallel): run the vision tower even without images
+    run_vision_without_images: bool = False
+
     @property
     def fuses_by_cross_attention(self) -> bool:
         return self.cross_attention is not None
@@ -416,11 +419,24 @@ class VisionLanguageModel(nn.Module):
             layouts_or_none = list(image_layouts) if image_layouts is not None else [None] * int(pixel_values.shape[0])
         n_images = len(layouts_or_none)
         self._check_image_tokens(is_img, layouts_or_none, sample_ids)
+        if n_images == 0 and self.run_vision_without_images and torch.is_grad_enabled():
+            embeds = embeds + self._idle_vision_term(embeds)
         if n_images == 0 or self.fuses_by_cross_attention:
             return embeds  # cross-attention: the <image> markers keep their token embeddings
         feats = torch.cat(self.image_features(pixel_values, image_layouts), dim=0)  # [sum n_i, D]
         # masked_scatter fills positions in row-major order: images in order, row by row
         return embeds.masked_scatter(is_img.unsqueeze(-1), feats)
+
+    def _idle_vision_term(self, embeds: torch.Tensor) -> torch.Tensor:
+        """A zero that depends on every image parameter: the vision tower and connector run on
+        one blank image. Data-parallel training sets ``run_vision_without_images`` so that a
+        rank whose batch has no image still takes part in the collectives of those modules."""
+        size = self.config.vision.image_size
+        blank = embeds.new_zeros((1, 3, size, size), dtype=torch.float32)
+        zero = self.encode_images(blank).sum() * 0.0
+        if self.newline is not None:
+            zero = zero + self.newline.embedding.sum() * 0.0
+        return zero.to(embeds.dtype)
 
     @contextmanager
     def reading_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
@@ -469,13 +485,24 @@ class VisionLanguageModel(nn.Module):
         sample_ids: Sequence | None = None,
         image_layouts: Sequence[TileLayout] | None = None,
         loss_chunk_tokens: int | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> VLMOutput:
         """Logits (and with ``labels`` the summed loss and target count). With
         ``loss_chunk_tokens`` the loss is computed from the hidden states a chunk of target
-        positions at a time and no logits are returned (``train.losses.chunked_next_token_loss``)."""
+        positions at a time and no logits are returned (``train.losses.chunked_next_token_loss``).
+
+        ``position_ids`` marks packed rows (``data.packing``): they restart at 0 for each sample
+        and the LLM gets no attention mask, so that it builds the block-diagonal causal mask (or
+        the flash-attention varlen lengths) from them.
+        """
+        if position_ids is not None and self.fuses_by_cross_attention:
+            raise ValueError("packed rows are not supported with cross-attention fusion (media would leak across samples)")
         embeds = self.embed(input_ids, pixel_values, sample_ids, image_layouts)
-        llm_inputs = dict(inputs_embeds=embeds, attention_mask=attention_mask,
-                          position_ids=position_ids_from_mask(attention_mask), use_cache=False)  # fmt: skip
+        if position_ids is None:
+            llm_inputs = dict(inputs_embeds=embeds, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask), use_cache=False)  # fmt: skip
+        else:
+            llm_inputs = dict(inputs_embeds=embeds, attention_mask=None, position_ids=position_ids, use_cache=False)
         if loss_chunk_tokens is not None and labels is not None:
             text_cfg = self.llm.config.get_text_config()
             if getattr(text_cfg, "final_logit_softcapping", None):

@@ -23,7 +23,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from vlmkit.config import StageConfig
+from vlmkit.config import ConfigError, StageConfig
+from vlmkit.data.bad_samples import TooManyBadSamples
+from vlmkit.data.packing import pack_collate
+from vlmkit.data.template import Encoded
 from vlmkit.train.losses import dpo_loss, sequence_logprobs
 
 IGNORE_INDEX = -100
@@ -35,9 +38,11 @@ def count_targets(labels: torch.Tensor) -> int:
 
 
 def _model_inputs(batch: dict) -> dict:
-    tiled = {"image_layouts": batch["image_layouts"]} if batch.get("image_layouts") else {}
+    extra = {"image_layouts": batch["image_layouts"]} if batch.get("image_layouts") else {}
+    if batch.get("position_ids") is not None:  # packed rows (data.packing)
+        extra["position_ids"] = batch["position_ids"]
     return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch.get("pixel_values"), sample_ids=batch.get("sample_ids"), **tiled)  # fmt: skip
+                pixel_values=batch.get("pixel_values"), sample_ids=batch.get("sample_ids"), **extra)  # fmt: skip
 
 
 class NextTokenObjective:
@@ -46,8 +51,9 @@ class NextTokenObjective:
 
     unit = "targets"
 
-    def __init__(self, loss_chunk_tokens: int | None = None) -> None:
+    def __init__(self, loss_chunk_tokens: int | None = None, packing=None) -> None:
         self.chunk = {"loss_chunk_tokens": loss_chunk_tokens} if loss_chunk_tokens else {}
+        self.packing = packing  # a PackingConfig: the micro-batch's samples share rows
 
     def length(self, item) -> int:
         return len(item[0].input_ids)
@@ -57,6 +63,8 @@ class NextTokenObjective:
 
     def collate(self, items: list, collate_fn, pad_id: int) -> dict:
         encoded = [e for e, _ in items]
+        if self.packing is not None:
+            return pack_collate(encoded, [pxs for _, pxs in items], pad_id, self.packing.tokens, self.packing.max_images)
         pixels = [px for _, pxs in items for px in pxs]
         batch = collate_fn(encoded, pixels, pad_id, padding_side="right")
         batch["sample_ids"] = [getattr(e, "sample_id", None) for e in encoded]
@@ -64,6 +72,10 @@ class NextTokenObjective:
 
     def count(self, batch: dict) -> int:
         return count_targets(batch["labels"])
+
+    def placeholder(self, pad_id: int):
+        """A one-token row with no image and no target (a data-parallel rank with nothing else)."""
+        return Encoded(input_ids=[pad_id], labels=[IGNORE_INDEX], n_images=0, sample_id="<placeholder>"), []
 
     def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
         out = model(labels=batch["labels"], **_model_inputs(batch), **self.chunk)
@@ -105,6 +117,9 @@ class DPOObjective:
     def count(self, batch: dict) -> int:
         return batch["n_pairs"]
 
+    def placeholder(self, pad_id: int):
+        raise TooManyBadSamples("DPO: every pair of this rank's share of a micro-batch was bad")
+
     def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
         n = batch["n_pairs"]
         logps = sequence_logprobs(model(**_model_inputs(batch)).logits, batch["labels"])  # [2n]
@@ -122,13 +137,14 @@ class DPOObjective:
         return losses.sum(), n, stats
 
 
-def frozen_reference(model: nn.Module, path: Path) -> nn.Module:
+def frozen_reference(model: nn.Module, path: Path, write: bool = True) -> nn.Module:
     """A frozen copy of ``model`` with the weights saved at ``path``; the first call saves the
-    model's current weights there (atomically), so a resumed stage gets the same reference."""
+    model's current weights there (atomically), so a resumed stage gets the same reference.
+    ``write=False`` (data-parallel ranks but the first) never writes the file."""
     reference = copy.deepcopy(model)
     if path.exists():
         safetensors.torch.load_model(reference, str(path), strict=True, device=str(next(model.parameters()).device))
-    else:
+    elif write:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         safetensors.torch.save_model(model, str(tmp))
         os.replace(tmp, path)
@@ -136,10 +152,13 @@ def frozen_reference(model: nn.Module, path: Path) -> nn.Module:
     return reference.eval()
 
 
-def make_objective(stage: StageConfig, model: nn.Module, run_dir: Path):
+def make_objective(stage: StageConfig, model: nn.Module, run_dir: Path, write_reference: bool = True):
     if stage.objective == "next_token":
-        return NextTokenObjective(stage.loss_chunk_tokens)
+        if stage.packing is not None and getattr(model, "fuses_by_cross_attention", False):
+            raise ConfigError(f"stages.{stage.name}.packing: not supported with connector.fusion=cross_attention "
+                              "(a sample's text would read the images of the samples before it in the row)")
+        return NextTokenObjective(stage.loss_chunk_tokens, stage.packing)
     reference = None
     if not stage.dpo.reference_free:
-        reference = frozen_reference(model, Path(run_dir) / f"reference-{stage.name}.safetensors")
+        reference = frozen_reference(model, Path(run_dir) / f"reference-{stage.name}.safetensors", write_reference)
     return DPOObjective(stage.dpo.beta, reference)
