@@ -30,14 +30,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vlmkit.train.run import train
 
     recipe = load_recipe(args.recipe, args.set or [])
-    final = train(
-        recipe,
-        data_dir=args.data,
-        out_dir=args.out,
-        max_steps=args.max_steps,
-        save_every=args.save_every,
-        resume=args.resume,
-    )
+    try:
+        final = train(
+            recipe,
+            data_dir=args.data,
+            out_dir=args.out,
+            max_steps=args.max_steps,
+            save_every=args.save_every,
+            resume=args.resume,
+            stop_after_steps=args.stop_after_steps,
+            strategy=args.strategy,
+        )
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if final is None:
+        print(f"stopped after {args.stop_after_steps} steps (--stop-after-steps); resume with --resume")
+        return 0
     print(f"final checkpoint: {final}")
     return 0
 
@@ -131,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    train.add_argument("--strategy", choices=["ddp", "fsdp"], default=None,
+                       help="data-parallel wrapping under torchrun, for every stage (default: the stages')")
+    train.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                       help="stop after N optimizer steps as if killed (no final checkpoint): for resume drills")
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split")

@@ -28,8 +28,14 @@ class CheckpointError(ValueError):
     """A directory that is not a loadable vlmkit checkpoint."""
 
 
-def save_checkpoint(model: VisionLanguageModel, tokenizer, out_dir, recipe: Recipe | None = None) -> Path:
-    """Write the checkpoint to ``out_dir`` atomically (a crash leaves the old one or none)."""
+def save_checkpoint(
+    model: VisionLanguageModel, tokenizer, out_dir, recipe: Recipe | None = None, state_dict: dict | None = None
+) -> Path:
+    """Write the checkpoint to ``out_dir`` atomically (a crash leaves the old one or none).
+
+    ``state_dict``: the full weights to write instead of ``model``'s own (an FSDP-sharded model
+    gathers them first); tied parameters are written once, under their first name.
+    """
     out_dir = Path(out_dir)
     meta = {
         "format": FORMAT,
@@ -47,10 +53,26 @@ def save_checkpoint(model: VisionLanguageModel, tokenizer, out_dir, recipe: Reci
         tokenizer.save_pretrained(str(tmp))
         # after the tokenizer: its save must not leave a config.json of its own
         atomic_write_json(tmp / CONFIG_FILE, meta)
-        safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if state_dict is None:
+            safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        else:
+            tensors = {k: v.contiguous() for k, v in state_dict.items() if k not in _tied_duplicates(model)}
+            safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if recipe is not None:
             atomic_write_text(tmp / RECIPE_FILE, recipe_to_yaml(recipe))
     return out_dir
+
+
+def _tied_duplicates(model) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier-named one (tied weights)."""
+    first: dict[int, str] = {}
+    duplicates = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            duplicates.add(name)
+        else:
+            first[id(p)] = name
+    return duplicates
 
 
 def read_checkpoint_config(path) -> dict:

@@ -60,11 +60,17 @@ class CheckpointManager:
         self.save_model = save_model
         self.keep_last = keep_last
 
-    def save(self, model, optimizer, scheduler, progress: dict, mixture: dict | None) -> Path:
+    def save(self, model, optimizer, scheduler, progress: dict, mixture: dict | None,
+             rng_of_ranks: list[dict] | None = None, model_state: dict | None = None) -> Path:  # fmt: skip
+        """``optimizer``: the optimizer or its full state dict; ``model_state``: the full weights
+        when the model itself is sharded (data-parallel runs gather both on rank 0)."""
         path = self.root / f"step-{progress['global_step']:06d}"
         with atomic_directory(path) as tmp:
-            self.save_model(model, tmp)
-            save_training_state(tmp / STATE_DIR, optimizer, scheduler, progress, mixture)
+            if model_state is None:
+                self.save_model(model, tmp)
+            else:
+                self.save_model(model, tmp, state_dict=model_state)
+            save_training_state(tmp / STATE_DIR, optimizer, scheduler, progress, mixture, rng_of_ranks=rng_of_ranks)
         self.prune()
         return path
 

@@ -94,4 +94,6 @@ def chunked_next_token_loss(
         part = slice(start, start + chunk_tokens)
         loss_sum = loss_sum + checkpoint(_chunk_ce_sum, h[part], target[part], head.weight, head.bias,
                                          use_reentrant=False)  # fmt: skip
+    if target.shape[0] == 0:  # no target: still a (zero) function of the head, so that data-parallel
+        loss_sum = loss_sum + (head.weight.sum() + hidden.sum()) * 0.0  # reduction sees every parameter used
     return loss_sum, n_targets

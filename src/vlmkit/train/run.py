@@ -21,6 +21,7 @@ import torch
 from vlmkit.config import ConfigError, Recipe, recipe_to_yaml
 from vlmkit.data.bad_samples import BadSampleLog
 from vlmkit.train.checkpoints import CheckpointManager, latest_checkpoint
+from vlmkit.train.parallel import Parallel, barrier, init_distributed, run_strategy
 from vlmkit.train.trainer import RunContext, StopRun, train_stages
 from vlmkit.utils.io import atomic_directory, atomic_write_text, read_jsonl
 
@@ -150,15 +151,18 @@ def copy_parts(source, target, parts: list[str], where: str) -> None:
         dst.load_state_dict(new_state)
 
 
-def prepare_model(recipe: Recipe, sources: dict, data_dir: Path, out_dir: Path, ckpt: Path | None, resume: bool):
-    """(model, tokenizer): from the checkpoint we resume, else built fresh (see build_model)."""
+def prepare_model(recipe: Recipe, sources: dict, data_dir: Path, out_dir: Path, ckpt: Path | None, resume: bool,
+                  quiet: bool = False):  # fmt: skip
+    """(model, tokenizer): from the checkpoint we resume, else built fresh (see build_model).
+    ``quiet``: a data-parallel rank after the first, which only reads what rank 0 wrote."""
     from vlmkit.models.checkpoint_io import load_checkpoint
 
     if ckpt is not None:
-        print(f"resuming from {ckpt}")
-        truncate_metrics(out_dir / "metrics.jsonl", int(ckpt.name.split("-")[1]))
+        if not quiet:
+            print(f"resuming from {ckpt}")
+            truncate_metrics(out_dir / "metrics.jsonl", int(ckpt.name.split("-")[1]))
         return load_checkpoint(ckpt)
-    if resume:
+    if resume and not quiet:
         print(f"no complete checkpoint under {out_dir / 'checkpoints'}: starting from scratch")
         truncate_metrics(out_dir / "metrics.jsonl", 0)
     tokenizer = build_tokenizer(recipe, sources, data_dir, out_dir) if not recipe.model.init_from else None
@@ -271,35 +275,51 @@ def train(
     save_every: int | None = None,
     resume: bool = False,
     stop_after_steps: int | None = None,
+    strategy: str | None = None,
 ) -> Path | None:
     """Train every stage of ``recipe``; returns ``out_dir/final``.
 
     With ``stop_after_steps`` (tests) the run stops after that many global steps as if killed
-    (no final checkpoint, no plot) and ``None`` is returned.
+    (no final checkpoint, no plot) and ``None`` is returned. Under torchrun every rank calls
+    this; rank 0 writes the run directory (the others wait where it writes shared files), and
+    ``strategy`` (``ddp``/``fsdp``, default: the stages') picks the data-parallel wrapping.
     """
     from vlmkit.data.collate import collate
     from vlmkit.data.dataset import load_sources
     from vlmkit.models.checkpoint_io import save_checkpoint
 
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
+    env, device = init_distributed(resolve_device(recipe.train.device))
+    parallel = Parallel(env, run_strategy(recipe.stages, strategy), device)
     check_run_dir(out, resume)
-    out.mkdir(parents=True, exist_ok=True)
+    barrier(env)  # every rank has looked before rank 0 writes
     seed_everything(recipe.seed)
-    data = Path(data_dir) if data_dir is not None else ensure_world(recipe, out / "world")
-    atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if data_dir is None:
+            ensure_world(recipe, out / "world")
+        atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
+    barrier(env)
+    data = Path(data_dir) if data_dir is not None else out / "world"
 
     bad_log = BadSampleLog(max_fraction=recipe.train.max_bad_fraction)
     sources = load_sources(recipe.data, data, bad_log, names=used_sources(recipe))
     ckpt = latest_checkpoint(out / "checkpoints") if resume else None
-    model, tokenizer = prepare_model(recipe, sources, data, out, ckpt, resume)
-    device = resolve_device(recipe.train.device)
+    # rank 0 first: it trains the tokenizer or pre-trains the encoder; the others then read them
+    if env.is_main:
+        model, tokenizer = prepare_model(recipe, sources, data, out, ckpt, resume)
+    barrier(env)
+    if not env.is_main:
+        model, tokenizer = prepare_model(recipe, sources, data, out, ckpt, resume, quiet=True)
+    barrier(env)
     model.to(device)
     if recipe.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     template, make_encode = make_encoder(recipe, model, tokenizer)
+    parallel.prepare(model)
 
-    def save_model(m, d):
-        save_checkpoint(m, tokenizer, d, recipe=recipe)
+    def save_model(m, d, state_dict=None):
+        save_checkpoint(m, tokenizer, d, recipe=recipe, state_dict=state_dict)
 
     ctx = RunContext(
         run_dir=out,
@@ -313,13 +333,14 @@ def train(
         max_steps=max_steps,
         stop_after_steps=stop_after_steps,
         max_nonfinite_in_a_row=recipe.train.max_nonfinite_in_a_row,
+        parallel=parallel,
     )
-    if recipe.train.tensorboard:
+    if recipe.train.tensorboard and env.is_main:
         from vlmkit.train.metric_sinks import TensorBoardSink
 
         purge = int(ckpt.name.split("-")[1]) + 1 if ckpt is not None else None
         ctx.sinks.append(TensorBoardSink(out / "tensorboard", purge_step=purge))
-    if recipe.train.wandb is not None:
+    if recipe.train.wandb is not None and env.is_main:
         from vlmkit.train.metric_sinks import WandbSink
 
         ctx.sinks.append(WandbSink(recipe.train.wandb.project, recipe.name, recipe.model_dump(mode="json"), out))
@@ -332,8 +353,11 @@ def train(
         for sink in ctx.sinks:
             sink.close()
     final = out / "final"
-    with atomic_directory(final) as tmp:
-        save_model(model, tmp)
-    plot_losses(out / "metrics.jsonl", out / "loss.png")
-    print(f"bad samples: {bad_log.summary()}")
+    full_state = parallel.model_state(model) if parallel.sharded else None  # every rank gathers
+    if env.is_main:
+        with atomic_directory(final) as tmp:
+            save_model(model, tmp, state_dict=full_state)
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    print(f"bad samples{f' (rank {env.rank})' if env.distributed else ''}: {bad_log.summary()}")
+    barrier(env)
     return final

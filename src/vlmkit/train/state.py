@@ -6,9 +6,11 @@
   ``"<param index>.<name>"`` (e.g. ``"3.exp_avg"``, ``"3.step"``).
 * ``optimizer.json``: ``param_groups`` (hyper-parameters, param indices) and the non-tensor
   per-parameter values.
-* ``rng.safetensors``: the torch CPU generator state (and ``cuda.<i>`` for each CUDA device).
+* ``rng.safetensors``: the torch CPU generator state (and ``cuda.<i>`` for each CUDA device);
+  in a data-parallel run every rank's, keyed ``rank<r>.torch_cpu`` etc. for ranks r > 0.
 * ``state.json``: scheduler ``state_dict``, mixture position, python ``random`` and numpy
-  global RNG states, and ``progress`` (stage index, steps, tokens seen, bad-sample counts...).
+  global RNG states (``rng``; ``rng_ranks`` for ranks > 0), and ``progress`` (stage index,
+  steps, tokens seen, bad-sample counts...).
 * ``model.safetensors``: only when ``save_training_state`` is given a model (setups without a
   model checkpoint next to it, e.g. tests). Normal checkpoints keep the weights one level up.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,8 +35,8 @@ FORMAT = 1
 # ------------------------------------------------------------------ optimizer
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+def _optimizer_to_files(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     values: dict[str, dict[str, Any]] = {}
     for idx, pstate in sd["state"].items():
@@ -93,6 +96,15 @@ def _restore_rng(tensors: dict[str, torch.Tensor], js: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def capture_rng() -> dict:
+    """This process's RNG states: ``{"tensors": {...}, "json": {...}}`` (see ``save_training_state``)."""
+    return {"tensors": _rng_tensors(), "json": _rng_json()}
+
+
+def _rank_prefix(rank: int) -> str:
+    return "" if rank == 0 else f"rank{rank}."
+
+
 # ------------------------------------------------------------------ save / load
 
 
@@ -102,28 +114,33 @@ def _dump_json(path: Path, obj: Any) -> None:
 
 def save_training_state(
     directory: str | Path,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict,
     scheduler: Any,
     progress: dict,
     mixture: dict | None = None,
     model: torch.nn.Module | None = None,
+    rng_of_ranks: list[dict] | None = None,
 ) -> Path:
     """Write the state into ``directory`` (the caller makes the enclosing write atomic).
 
-    ``progress`` must be JSON-able; the trainer stores stage index, stage step, global step,
-    tokens seen, bad-sample counts and elapsed time in it.
+    ``optimizer`` is an optimizer or its (full) ``state_dict()``. ``progress`` must be JSON-able;
+    the trainer stores stage index, stage step, global step, tokens seen, bad-sample counts and
+    elapsed time in it. ``rng_of_ranks``: every rank's ``capture_rng()`` (default: this one's).
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors, meta = _optimizer_to_files(optimizer)
     save_file(tensors, str(d / "optimizer.safetensors"))
     _dump_json(d / "optimizer.json", meta)
-    save_file(_rng_tensors(), str(d / "rng.safetensors"))
+    ranks = rng_of_ranks or [capture_rng()]
+    rng_tensors = {_rank_prefix(r) + k: v for r, rng in enumerate(ranks) for k, v in rng["tensors"].items()}
+    save_file(rng_tensors, str(d / "rng.safetensors"))
     state = {
         "format": FORMAT,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "mixture": mixture,
-        "rng": _rng_json(),
+        "rng": ranks[0]["json"],
+        "rng_ranks": [rng["json"] for rng in ranks[1:]],
         "progress": progress,
     }
     _dump_json(d / "state.json", state)
@@ -141,14 +158,17 @@ def read_progress(directory: str | Path) -> dict:
 def load_training_state(
     directory: str | Path,
     model: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | Callable[[dict], None] | None,
     scheduler: Any,
     restore_rng: bool = True,
+    rank: int = 0,
 ) -> dict:
     """Load what was saved into the given objects; returns ``{"progress", "mixture"}``.
 
     ``model`` is loaded only if ``directory/model.safetensors`` exists (pass None when the
-    weights came from the checkpoint already). RNG states are restored last.
+    weights came from the checkpoint already). ``optimizer`` may be a function taking the
+    saved state dict (sharded optimizers). RNG states are restored last: ``rank``'s own when
+    the run saved one for it (same world size), else rank 0's.
     """
     d = Path(directory)
     state = json.loads((d / "state.json").read_text(encoding="utf-8"))
@@ -158,9 +178,16 @@ def load_training_state(
         load_model(model, str(d / "model.safetensors"))
     if optimizer is not None:
         meta = json.loads((d / "optimizer.json").read_text(encoding="utf-8"))
-        optimizer.load_state_dict(_optimizer_from_files(load_file(str(d / "optimizer.safetensors")), meta))
+        saved = _optimizer_from_files(load_file(str(d / "optimizer.safetensors")), meta)
+        optimizer(saved) if callable(optimizer) else optimizer.load_state_dict(saved)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        _restore_rng(load_file(str(d / "rng.safetensors")), state["rng"])
+        tensors = load_file(str(d / "rng.safetensors"))
+        others = state.get("rng_ranks", [])
+        if 0 < rank <= len(others):
+            prefix = _rank_prefix(rank)
+            _restore_rng({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, others[rank - 1])
+        else:
+            _restore_rng({k: v for k, v in tensors.items() if not k.startswith("rank")}, state["rng"])
     return {"progress": state["progress"], "mixture": state["mixture"]}

@@ -11,11 +11,18 @@ the step are drawn and collated first, so what the loss counts over the whole st
 tokens, or preference pairs for DPO) is known before any forward pass; each micro-batch's summed
 loss is divided by that total. The gradient is therefore exactly that of the mean loss over the
 step, whatever the split into micro-batches.
+
+Data-parallel runs (``train.parallel``): every rank draws the same mixture positions for the
+step and encodes only its share of each micro-batch (``batch_size / world_size`` rows); the
+total the loss is divided by is summed over ranks, so the step equals one process's on the
+same global batch. A bad sample is then dropped from its rank's share, not replaced (the ranks'
+mixtures must stay in step).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -34,8 +41,9 @@ from vlmkit.data.mixture import MixtureSampler
 from vlmkit.train.checkpoints import STATE_DIR, CheckpointManager
 from vlmkit.models.lora import add_lora, has_lora, merge_lora
 from vlmkit.train.objectives import make_objective
+from vlmkit.train.parallel import DistEnv, Parallel, barrier, check_stage
 from vlmkit.train.stages import build_optimizer
-from vlmkit.train.state import load_training_state, read_progress
+from vlmkit.train.state import capture_rng, load_training_state, read_progress
 from vlmkit.utils.io import append_jsonl
 
 log = logging.getLogger("vlmkit.train")
@@ -81,12 +89,17 @@ class RunContext:
     progress_bar: bool = True
     max_nonfinite_in_a_row: int = 3
     sinks: list = field(default_factory=list)  # more destinations of the metric rows (TensorBoard)
+    parallel: Parallel = field(default_factory=lambda: Parallel(DistEnv(), None, torch.device("cpu")))
     nonfinite_in_a_row: int = 0
     nonfinite_skipped: int = 0
     global_step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def env(self) -> DistEnv:
+        return self.parallel.env
 
     @property
     def metrics_path(self) -> Path:
@@ -130,44 +143,70 @@ class StageTrainer:
     ):
         self.model, self.stage, self.stage_index = model, stage, stage_index
         self.sources, self.encode, self.ctx = sources, encode, ctx
+        check_stage(stage, ctx.env, ctx.parallel.strategy)
         sizes = {name: len(sources[name].samples) for name in stage.data}
         self.mixture = MixtureSampler(sizes, stage.data, seed=stage_seed(ctx.seed, stage_index))
         self.total_steps = stage_total_steps(stage, len(self.mixture), ctx.max_steps)
         if stage.lora is not None and not has_lora(model):  # (a mid-stage checkpoint has them already)
             add_lora(model, stage.lora)
         self.optimizer, self.scheduler, self.selected = build_optimizer(model, stage, self.total_steps)
-        self.objective = make_objective(stage, model, ctx.run_dir)
+        self.objective = make_objective(stage, model, ctx.run_dir, write_reference=ctx.env.is_main)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.module = ctx.parallel.forward_module(model)  # what forward passes call (DDP wraps it)
         self.stage_step = 0
 
     # ---------------------------------------------------------------- data
 
+    def encode_slot(self, name: str, index: int):
+        """(Encoded, pixels) of one mixture position, or None (logged, counted) when it is bad."""
+        src = self.sources[name]
+        sample = src.samples[index]
+        try:
+            item = self.encode(sample, src.root)
+        except BadSampleError as err:
+            self.ctx.bad_log.record(f"{src.path} (source {name}, row {index})", sample.id, err)
+            return None
+        self.ctx.bad_log.ok()
+        return item
+
     def next_item(self):
         """The next good (Encoded, pixels) of the mixture; bad ones are logged and skipped."""
         for _ in range(len(self.mixture) + 1):
-            name, index = self.mixture.next()
-            src = self.sources[name]
-            sample = src.samples[index]
-            try:
-                item = self.encode(sample, src.root)
-            except BadSampleError as err:
-                self.ctx.bad_log.record(f"{src.path} (source {name}, row {index})", sample.id, err)
-                continue
-            self.ctx.bad_log.ok()
-            return item
+            item = self.encode_slot(*self.mixture.next())
+            if item is not None:
+                return item
         raise TooManyBadSamples(f"stage {self.stage.name}: no good sample in {len(self.mixture) + 1} draws")
+
+    def _grouped(self, items: list) -> list:
+        by_length, by_modality = self.stage.group_by_length, self.stage.group_by_modality
+        if by_length or by_modality:  # stable: ties keep the draw order
+            items = sorted(items, key=lambda item: (self.objective.has_images(item) if by_modality else False,
+                                                    self.objective.length(item) if by_length else 0))  # fmt: skip
+        return items
 
     def next_micro_batches(self) -> list[dict]:
         n, accum = self.stage.batch_size, self.stage.grad_accum
-        step_items = [self.next_item() for _ in range(n * accum)]
-        by_length, by_modality = self.stage.group_by_length, self.stage.group_by_modality
-        if by_length or by_modality:  # stable: ties keep the draw order
-            step_items.sort(key=lambda item: (self.objective.has_images(item) if by_modality else False,
-                                              self.objective.length(item) if by_length else 0))  # fmt: skip
-        return [
-            self.objective.collate(step_items[k * n : (k + 1) * n], self.ctx.collate_fn, self.ctx.pad_id)
-            for k in range(accum)
-        ]
+        if self.ctx.env.distributed:
+            shares = self._rank_shares(n, accum)
+        else:
+            step_items = self._grouped([self.next_item() for _ in range(n * accum)])
+            shares = [step_items[k * n : (k + 1) * n] for k in range(accum)]
+        return [self.objective.collate(items, self.ctx.collate_fn, self.ctx.pad_id) for items in shares]
+
+    def _rank_shares(self, n: int, accum: int) -> list[list]:
+        """This rank's rows of each micro-batch: every rank draws the step's ``n * accum``
+        positions (so the mixtures stay in step) and encodes rows ``[rank * n/W, (rank+1) * n/W)``
+        of each micro-batch. Bad rows are dropped; a share left empty gets a placeholder row
+        with no targets, so that the rank still joins the step's collectives."""
+        env = self.ctx.env
+        per_rank = n // env.world_size
+        slots = [self.mixture.next() for _ in range(n * accum)]
+        shares = []
+        for k in range(accum):
+            mine = slots[k * n + env.rank * per_rank : k * n + (env.rank + 1) * per_rank]
+            items = [item for item in (self.encode_slot(*slot) for slot in mine) if item is not None]
+            shares.append(self._grouped(items) or [self.objective.placeholder(self.ctx.pad_id)])
+        return shares
 
     # ---------------------------------------------------------------- one step
 
@@ -182,20 +221,25 @@ class StageTrainer:
     def forward_backward(self, batches: list[dict]) -> tuple[float, int, int, dict[str, float]]:
         """Accumulate gradients of the step's mean loss (per target token, or per pair);
         returns (loss, count, tokens, objective stats as means)."""
-        total = sum(self.objective.count(b) for b in batches)
+        parallel = self.ctx.parallel
+        total = int(parallel.all_reduce_sum([sum(self.objective.count(b) for b in batches)])[0])
         denom = max(total, 1)
+        scale = parallel.grad_scale / denom  # DDP/FSDP average over ranks: undo it, then the global mean
         loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0
         stats: dict[str, float] = {}
-        for batch in batches:
+        for k, batch in enumerate(batches):
             batch = self._to_device(batch)
-            with self._autocast():
-                part, _, part_stats = self.objective.loss_sum(self.model, batch)
-            (part.float() / denom).backward()
+            with parallel.gradient_sync(self.module, sync=k == len(batches) - 1):
+                with self._autocast():
+                    part, _, part_stats = self.objective.loss_sum(self.module, batch)
+                (part.float() * scale).backward()
             loss_sum += part.detach().double().cpu()
             tokens += int(batch["attention_mask"].sum())
-            for k, v in part_stats.items():
-                stats[k] = stats.get(k, 0.0) + v
-        return float(loss_sum / denom), total, tokens, {k: v / denom for k, v in stats.items()}
+            for name, v in part_stats.items():
+                stats[name] = stats.get(name, 0.0) + v
+        names = sorted(stats)
+        summed = parallel.all_reduce_sum([float(loss_sum), tokens, *(stats[n] for n in names)])
+        return summed[0] / denom, total, int(summed[1]), {n: v / denom for n, v in zip(names, summed[2:])}
 
     def train_step(self) -> StepResult:
         self.model.train()
@@ -204,7 +248,7 @@ class StageTrainer:
         data_s = time.perf_counter() - t0
         loss, n_targets, n_tokens, stats = self.forward_backward(batches)
         clip = self.stage.grad_clip if self.stage.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        grad_norm = self.ctx.parallel.grad_norm(self.params, clip)
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.ctx.nonfinite_in_a_row = 0
@@ -252,17 +296,28 @@ class StageTrainer:
 
     def load_state(self, state_dir: Path) -> None:
         """Continue from a checkpoint taken inside this stage (model weights already loaded)."""
-        info = load_training_state(state_dir, None, self.optimizer, self.scheduler)
+        parallel = self.ctx.parallel
+        info = load_training_state(state_dir, None, lambda sd: parallel.load_optimizer_state(self.model, self.optimizer, sd),
+                                   self.scheduler, rank=self.ctx.env.rank)  # fmt: skip
         self.mixture.load_state_dict(info["mixture"])
         self.stage_step = info["progress"]["stage_step"]
 
     def save(self) -> Path | None:
-        if self.ctx.checkpoints is None:
+        """A checkpoint. Data-parallel: every rank takes part (full states are gathered, every
+        rank's RNG state is kept); rank 0 writes."""
+        ctx = self.ctx
+        if ctx.checkpoints is None:
             return None
-        path = self.ctx.checkpoints.save(
-            self.model, self.optimizer, self.scheduler, self.progress(), self.mixture.state_dict()
-        )
-        tqdm.write(f"checkpoint {path} (stage {self.stage.name}, step {self.ctx.global_step})")
+        parallel = ctx.parallel
+        rngs = parallel.gather_objects(capture_rng())
+        model_state = parallel.model_state(self.model) if parallel.sharded else None
+        optimizer_state = parallel.optimizer_state(self.model, self.optimizer)
+        path = None
+        if ctx.env.is_main:
+            path = ctx.checkpoints.save(self.model, optimizer_state, self.scheduler, self.progress(),
+                                        self.mixture.state_dict(), rng_of_ranks=rngs, model_state=model_state)  # fmt: skip
+            tqdm.write(f"checkpoint {path} (stage {self.stage.name}, step {ctx.global_step})")
+        barrier(ctx.env)
         return path
 
     # ---------------------------------------------------------------- loop
@@ -287,9 +342,10 @@ class StageTrainer:
             "skipped_nonfinite": self.ctx.nonfinite_skipped,
             **result.stats,
         }
-        append_jsonl(self.ctx.metrics_path, row)
-        for sink in self.ctx.sinks:
-            sink(row)
+        if self.ctx.env.is_main:
+            append_jsonl(self.ctx.metrics_path, row)
+            for sink in self.ctx.sinks:
+                sink(row)
         window.update(tokens=0, data_s=0.0, t0=now)
 
     def _should_log(self) -> bool:
@@ -303,7 +359,7 @@ class StageTrainer:
     def run(self) -> None:
         bar = tqdm(
             total=self.total_steps, initial=self.stage_step, desc=f"stage {self.stage.name}",
-            unit="step", dynamic_ncols=True, disable=not self.ctx.progress_bar,
+            unit="step", dynamic_ncols=True, disable=not (self.ctx.progress_bar and self.ctx.env.is_main),
         )
         window = {"tokens": 0, "data_s": 0.0, "t0": time.perf_counter()}
         with bar:
@@ -348,8 +404,10 @@ def train_stages(
             if mid_stage:
                 trainer.load_state(state_dir)
             else:  # a stage-end checkpoint: only the RNG carries over to the next stage
-                load_training_state(state_dir, None, None, None)
+                load_training_state(state_dir, None, None, None, rank=ctx.env.rank)
         log.info("stage %d/%d %s: %d steps", i + 1, len(stages), stages[i].name, trainer.total_steps)
         trainer.run()
+        del trainer  # a DDP wrapper's gradient hooks must go before the next stage wraps again
+        gc.collect()
     if state_dir is not None and start >= len(stages):
-        load_training_state(state_dir, None, None, None)
+        load_training_state(state_dir, None, None, None, rank=ctx.env.rank)
