@@ -2,13 +2,15 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from vlmkit.config import recipe_from_dict
+from vlmkit.config import ConfigError, recipe_from_dict
+from vlmkit.models.checkpoint_io import CheckpointError
 from vlmkit.data.bad_samples import TooManyBadSamples
 from vlmkit.models.checkpoint_io import load_checkpoint
-from vlmkit.train.run import train
+from vlmkit.train.run import build_model, seed_everything, train
 from vlmkit.utils.io import read_jsonl
 from conftest import tiny_recipe_dict
 
@@ -33,11 +35,10 @@ def test_stages_freeze_what_they_do_not_train(tiny_world, tmp_path):
     tree = tiny_recipe_dict(steps=2)
     tree["stages"] = [tree["stages"][1]]
     final = train(recipe_from_dict(tree), data_dir=tiny_world, out_dir=tmp_path / "a")
-    trained, _ = load_checkpoint(final)
-    tree["stages"][0]["steps"] = 1
-    tree["stages"][0]["lr"] = {"vision": 0.0, "connector": 0.0}
-    untouched = train(recipe_from_dict(tree), data_dir=tiny_world, out_dir=tmp_path / "b")
-    initial, _ = load_checkpoint(untouched)
+    trained, tokenizer = load_checkpoint(final)
+    recipe = recipe_from_dict(tree)
+    seed_everything(recipe.seed)  # as train() does before building the model
+    initial, _ = build_model(recipe, tokenizer)
     a, b = trained.state_dict(), initial.state_dict()
     assert all((a[k] == b[k]).all() for k in a if k.startswith("llm."))
     assert any(not (a[k] == b[k]).all() for k in a if k.startswith("connector."))
@@ -133,3 +134,68 @@ def test_wandb_is_optional_and_named_when_missing(tiny_world, tmp_path, monkeypa
     train(recipe_from_dict(tree), data_dir=tiny_world, out_dir=tmp_path / "fake")
     assert logged and logged[0][0] == 1 and "train/loss" in logged[0][1] and finished == [True]
     assert not (tmp_path / "fake" / "tensorboard").exists()
+
+
+def test_packed_stages_train_like_unpacked_ones(tiny_world, tmp_path):
+    """Packing rearranges the same samples into fewer rows: every step's loss (mean over the
+    step's target tokens) stays the same, up to float error, while fewer tokens are padding."""
+    tree = tiny_recipe_dict(steps=2)
+    plain = train(recipe_from_dict(tree), data_dir=tiny_world, out_dir=tmp_path / "plain")
+    for stage in tree["stages"]:
+        stage["packing"] = {"tokens": 512, "max_images": 3}
+    packed = train(recipe_from_dict(tree), data_dir=tiny_world, out_dir=tmp_path / "packed")
+    assert plain is not None and packed is not None
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "packed")
+    assert sorted(a) == sorted(b)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+
+
+def test_a_stage_that_trains_nothing_is_refused(tiny_world, tmp_path):
+    tree = tiny_recipe_dict(steps=1)
+    tree["stages"][1]["lr"] = {"vision": 0.0, "connector": 0.0}
+    with pytest.raises(ConfigError, match=r"stages\.align: the stage trains nothing"):
+        train(recipe_from_dict(tree), data_dir=tiny_world, out_dir=tmp_path / "r")
+
+
+def test_a_missing_init_checkpoint_is_named(tiny_world, tmp_path):
+    tree = tiny_recipe_dict(steps=1)
+    tree["model"]["init_from"] = str(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="nowhere.*does not exist"):
+        train(recipe_from_dict(tree), data_dir=tiny_world, out_dir=tmp_path / "r")
+
+
+@pytest.mark.parametrize("where", ["model", "state"])
+def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(where, tiny_world, tmp_path):
+    """A real process killed by SIGKILL while writing step 4's checkpoint (a torn weights file,
+    or a complete but unrenamed directory): ``--resume`` continues from step 3's (the first
+    stage's end) and the losses
+    equal an uninterrupted run's, bitwise."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(tiny_recipe_dict(steps=3)))
+    helper = Path(__file__).parent / "_die_during_save.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def vlmkit(out, *extra, die=None):
+        prefix = [str(helper), where, "4"] if die else ["-m", "vlmkit"]
+        cmd = [sys.executable, *prefix, "train", str(recipe_file), "--data", str(tiny_world),
+               "--out", str(tmp_path / out), "--save-every", "2", *extra]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+    assert vlmkit("full").returncode == 0
+    killed = vlmkit("killed", die=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert "step-000004" not in names and any(n.startswith(".step-000004") for n in names), names
+    resumed = vlmkit("killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "step-000003" in resumed.stdout
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    assert all(a[k] == b[k] for k in a), (a, b)

@@ -113,6 +113,11 @@ def build_optimizer(
     adapted = set(stage.lora.parts) if stage.lora is not None else set()
     selected = select_trainable(model, stage.trainable, adapted)
     groups = param_groups(selected, stage.lr, stage.weight_decay)
+    if all(g["lr"] == 0 for g in groups):
+        raise ConfigError(
+            f"stages.{stage.name}: the stage trains nothing: every learning rate of {stage.trainable} is 0 "
+            "(remove the stage, or give a part a positive lr)"
+        )
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
 
     def multiplier(step: int) -> float:
