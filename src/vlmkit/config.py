@@ -141,8 +141,9 @@ class DataSource(StrictModel):
     """A dataset file, optionally filtered to some tasks. Paths are relative to ``--data``."""
 
     path: str
-    # llava: conversations (Samples); llava-preference: prompts with chosen/rejected answers (DPO)
-    format: Literal["llava", "llava-preference"] = "llava"
+    # llava: conversations (Samples); llava-preference: prompts with chosen/rejected answers (DPO);
+    # interleaved: OBELICS-style documents (texts and images in reading order), loss on all text
+    format: Literal["llava", "llava-preference", "interleaved"] = "llava"
     tasks: list[str] | None = None  # keep only samples whose meta.task is listed
     # text-only copies: images and their placeholders removed (LM warm-up, blind baselines)
     drop_images: bool = False
@@ -172,6 +173,10 @@ class DPOConfig(StrictModel):
     reference_free: bool = False  # compare the policy's own log-probabilities, no reference model
 
 
+# MM1 (McKinzie et al. 2024): captions : interleaved documents : text-only = 5 : 5 : 1
+MM1_PRETRAIN_MIXTURE = {"captions": 5.0, "documents": 5.0, "text": 1.0}
+
+
 class PackingConfig(StrictModel):
     """Sequence packing (``data.packing``): the micro-batch's samples share rows of at most
     ``tokens`` tokens and ``max_images`` images, each sample attending only to itself."""
@@ -188,7 +193,12 @@ class StageConfig(StrictModel):
     objective: Literal["next_token", "dpo"] = "next_token"
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     lora: LoRAConfig | None = None  # train the named parts through LoRA adapters
-    data: dict[str, float]  # source name -> mixture weight
+    # what the stage is for (logs, docs, defaults): align | pretrain | highres | instruct | dpo
+    kind: Literal["align", "pretrain", "highres", "instruct", "dpo"] | None = None
+    # source name -> mixture weight; kind pretrain defaults to MM1's captions : documents : text = 5 : 5 : 1
+    data: dict[str, float] = Field(default_factory=dict)
+    # train (and save) the model at this image size from this stage on: high-resolution continuation
+    image_size: int | None = Field(None, gt=0)
     trainable: list[str]  # part names ("vision", "connector", "llm") or parameter-name globs
     lr: dict[str, float] | float  # per trainable entry, or one rate for all
     weight_decay: float = Field(0.0, ge=0)  # never applied to norms and biases
@@ -220,6 +230,12 @@ class StageConfig(StrictModel):
     def _length(self) -> "StageConfig":
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of steps or epochs")
+        if not self.data:
+            if self.kind != "pretrain":
+                raise ValueError("data: name the sources and their mixture weights (only kind pretrain has a default)")
+            self.data = dict(MM1_PRETRAIN_MIXTURE)
+        if self.kind == "dpo" and self.objective != "dpo":
+            raise ValueError("kind dpo needs objective: dpo")
         if self.packing is not None:
             if self.objective != "next_token":
                 raise ValueError("packing: only next_token stages pack (a DPO pair's two answers share one prompt)")
@@ -247,6 +263,9 @@ class TrainConfig(StrictModel):
     # recompute each LLM decoder layer (and encoder layer, where the HF model supports it) in
     # the backward pass instead of keeping its activations: less memory for more compute (not benchmarked yet)
     activation_checkpointing: bool = False
+    # torch.compile each LLM decoder layer and each vision encoder (per block, as torchtitan does):
+    # the first steps pay for compilation (tens of seconds), later ones run fused kernels
+    compile: bool = False
     wandb: WandbConfig | None = None  # also to Weights & Biases (needs the wandb package)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
 

@@ -171,6 +171,12 @@ class VisionEncoder(nn.Module):
                         f"{key}.feature_layer {layer} is out of range: {family} has {n_layers} hidden states "
                         f"(indices {-n_layers} .. {n_layers - 1})"
                     )
+        self.key = key
+        self._measure()
+
+    def _measure(self) -> None:
+        """``num_tokens`` and ``hidden_size`` at ``image_size`` (a CNN is probed with a blank image)."""
+        key, family = self.key, self.family
         if self.spec.kind == "cnn":
             with torch.no_grad():
                 probe = self._hidden_states(
@@ -194,6 +200,21 @@ class VisionEncoder(nn.Module):
                 )
             self.num_tokens = (self.image_size // patch) ** 2
             self.hidden_size = int(self.hf_config.hidden_size) * len(self.feature_layers)
+
+    def set_image_size(self, image_size: int) -> None:
+        """Run at another resolution from now on (high-resolution continuation): ViTs
+        interpolate their position embeddings, CNNs just see a larger grid."""
+        native = getattr(self.hf_config, "image_size", None)
+        if self.spec.kind == "vit" and not self.spec.interpolate_kw and native not in (None, image_size):
+            if self.family not in ("dinov2", "dinov2_with_registers"):  # DINOv2 always interpolates
+                raise ValueError(f"{self.key}: {self.family} can't run at {image_size} px (no position interpolation)")
+        previous = self.image_size
+        self.image_size = int(image_size)
+        try:
+            self._measure()
+        except ValueError:
+            self.image_size = previous
+            raise
 
     # ------------------------------------------------------------------ helpers
 
@@ -324,6 +345,14 @@ class FusedVisionEncoder(nn.Module):
         # what code written for one encoder reads: the main encoder's config and layer
         self.hf_config = main.hf_config
         self.feature_layer = main.feature_layer
+
+    def set_image_size(self, image_size: int) -> None:
+        """Every encoder at the new size; the output grid is the main encoder's new grid."""
+        for enc in self.encoders:
+            enc.set_image_size(image_size)
+        self.image_size = self.main.image_size
+        self.num_tokens = self.main.num_tokens
+        self.grid = grid_side(self.main.num_tokens)
 
     @property
     def encoders(self) -> list[VisionEncoder]:

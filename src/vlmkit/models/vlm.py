@@ -236,6 +236,22 @@ class VisionLanguageModel(nn.Module):
     # set by data-parallel training (train.parallel): run the vision tower even without images
     run_vision_without_images: bool = False
 
+    def set_image_size(self, image_size: int) -> None:
+        """Continue at another image resolution (a ``highres`` stage): the encoder runs at
+        ``image_size`` (ViT position embeddings interpolated), each image costs the tokens of the
+        new grid, and ``config.vision.image_size`` records it so checkpoints reload at that size."""
+        if image_size == self.config.vision.image_size:
+            return
+        self.vision.set_image_size(image_size)
+        vision_cfg = self.config.vision.model_copy(update={"image_size": int(image_size)})
+        self.config = self.config.model_copy(update={"vision": vision_cfg})
+        self.tokens_per_tile = int(self.connector.num_output_tokens(self.vision.num_tokens))
+        if self.config.tiling is not None and self.config.tiling.mode == "anyres":
+            side = math.isqrt(self.tokens_per_tile)
+            if side * side != self.tokens_per_tile:
+                raise ValueError(f"image_size {image_size}: anyres needs a square grid, the connector gives "
+                                 f"{self.tokens_per_tile} tokens")  # fmt: skip
+
     @property
     def fuses_by_cross_attention(self) -> bool:
         return self.cross_attention is not None

@@ -215,19 +215,42 @@ def enable_activation_checkpointing(model) -> list[str]:
     return enabled
 
 
+def compile_blocks(model) -> int:
+    """``torch.compile`` each LLM decoder layer and each vision encoder in place (parameter names
+    and checkpoints are unchanged); returns how many modules were compiled. Per block rather than
+    the whole model: the image splicing and packing masks are data-dependent Python, and every
+    decoder layer shares one compiled graph."""
+    from vlmkit.models.cross_attention import decoder_layers
+
+    modules = list(decoder_layers(model.llm))
+    modules += [enc.model for enc in getattr(model.vision, "encoders", [model.vision])]
+    for module in modules:
+        module.compile()
+    log.info("torch.compile: %d modules", len(modules))
+    return len(modules)
+
+
 def make_encoder(recipe: Recipe, model, tokenizer):
     """``stage -> encode`` sharing one image cache across stages."""
     from vlmkit.data.dataset import SampleEncoder
     from vlmkit.data.image_pipeline import ImagePipeline
     from vlmkit.data.template import ChatTemplate
 
-    # untiled models keep the plain processor: one [3, S, S] tensor per image
-    pipeline = ImagePipeline.for_model(model)
-    processor = pipeline if recipe.model.tiling is not None else pipeline.processor
     template = ChatTemplate(tokenizer)
-    encoder = SampleEncoder(template, processor, model.tokens_per_image, max_len=recipe.stages[0].max_seq_len)
+    encoders: dict[int, SampleEncoder] = {}  # by image size: a highres stage changes it
+
+    def encoder_now() -> SampleEncoder:
+        size = model.config.vision.image_size
+        if size not in encoders:
+            # untiled models keep the plain processor: one [3, S, S] tensor per image
+            pipeline = ImagePipeline.for_model(model)
+            processor = pipeline if recipe.model.tiling is not None else pipeline.processor
+            encoders[size] = SampleEncoder(template, processor, model.tokens_per_image,
+                                           max_len=recipe.stages[0].max_seq_len)  # fmt: skip
+        return encoders[size]
+
     def encode_for(stage):
-        limited = encoder.with_max_len(stage.max_seq_len)
+        limited = encoder_now().with_max_len(stage.max_seq_len)
         return limited.encode_pair if stage.objective == "dpo" else limited.encode
 
     return template, encode_for
@@ -315,6 +338,8 @@ def train(
     model.to(device)
     if recipe.train.activation_checkpointing:
         enable_activation_checkpointing(model)
+    if recipe.train.compile:  # after activation checkpointing, before sharding (torchtitan's order)
+        compile_blocks(model)
     template, make_encode = make_encoder(recipe, model, tokenizer)
     parallel.prepare(model)
 

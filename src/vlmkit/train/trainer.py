@@ -399,6 +399,8 @@ def train_stages(
         mid_stage = not progress["stage_end"]
         start = progress["stage_index"] + (0 if mid_stage else 1)
     for i in range(start, len(stages)):
+        if stages[i].image_size is not None:  # high-resolution continuation: from this stage on
+            model.set_image_size(stages[i].image_size)
         trainer = StageTrainer(model, stages[i], i, sources, make_encode(stages[i]), ctx)
         if state_dir is not None and i == start:
             if mid_stage:
