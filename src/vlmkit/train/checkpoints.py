@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -27,6 +28,7 @@ log = logging.getLogger("vlmkit.train")
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 STATE_DIR = "training_state"
+SHARDED_OPTIMIZER_DIR = "optimizer"  # inside STATE_DIR, when the ranks wrote optimizer shards
 
 
 def checkpoint_dirs(root: str | Path) -> list[tuple[int, Path]]:
@@ -61,18 +63,33 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def save(self, model, optimizer, scheduler, progress: dict, mixture: dict | None,
-             rng_of_ranks: list[dict] | None = None, model_state: dict | None = None) -> Path:  # fmt: skip
-        """``optimizer``: the optimizer or its full state dict; ``model_state``: the full weights
-        when the model itself is sharded (data-parallel runs gather both on rank 0)."""
+             rng_of_ranks: list[dict] | None = None, model_state: dict | None = None,
+             sharded_optimizer: Path | None = None, sharded_param_groups: list[dict] | None = None) -> Path:  # fmt: skip
+        """``optimizer``: the optimizer or its full state dict, or None when every rank has
+        written its shards into ``sharded_optimizer`` (a ``shard_dir``, moved into the checkpoint);
+        ``model_state``: the full weights when the model itself is sharded (gathered on rank 0)."""
         path = self.root / f"step-{progress['global_step']:06d}"
         with atomic_directory(path) as tmp:
             if model_state is None:
                 self.save_model(model, tmp)
             else:
                 self.save_model(model, tmp, state_dict=model_state)
-            save_training_state(tmp / STATE_DIR, optimizer, scheduler, progress, mixture, rng_of_ranks=rng_of_ranks)
+            state_dir = tmp / STATE_DIR
+            if sharded_optimizer is not None:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                os.replace(sharded_optimizer, state_dir / SHARDED_OPTIMIZER_DIR)
+            save_training_state(state_dir, optimizer, scheduler, progress, mixture, rng_of_ranks=rng_of_ranks,
+                                sharded_param_groups=sharded_param_groups)  # fmt: skip
         self.prune()
         return path
+
+    def shard_dir(self, global_step: int) -> Path:
+        """Where every rank writes its optimizer shards for step ``global_step`` before rank 0
+        moves them into the checkpoint (never matched by ``checkpoint_dirs``); emptied first."""
+        shards = self.root / f".step-{global_step:06d}.optimizer-shards.tmp"
+        shutil.rmtree(shards, ignore_errors=True)
+        shards.mkdir(parents=True)
+        return shards
 
     def prune(self) -> None:
         periodic = [p for _, p in checkpoint_dirs(self.root) if not _is_stage_end(p)]

@@ -18,10 +18,11 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``): each LLM decoder layer is a unit
 encoder is one unit, and the root unit holds the rest (embeddings, head, connector). On a GPU the
 parameters are computed in bf16 and gradients reduced in fp32.
 
-Checkpoints hold full states gathered to rank 0 in the single-process format, so a run can
-resume at any world size; that costs one full copy of the weights and optimizer in rank 0's
-CPU memory (fine up to a few billion parameters; sharded ``torch.distributed.checkpoint``
-saves are not implemented yet).
+Checkpoints. The weights are gathered to rank 0 and written whole (``model.safetensors``: the
+consolidated checkpoint that eval, chat and export read). The optimizer state, twice the
+weights for AdamW, is written as it lies: DDP's full copy by rank 0, FSDP2's shards by every
+rank through ``torch.distributed.checkpoint`` with its Hugging Face safetensors storage (no
+pickle), which re-shards on load, so a run resumes at any world size.
 """
 
 from __future__ import annotations
@@ -218,11 +219,52 @@ class Parallel:
         }
         set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
+    def save_sharded_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory) -> list[dict]:
+        """Every rank writes its optimizer shards under ``directory`` (safetensors through
+        ``torch.distributed.checkpoint``); returns the param groups (JSON-able, names not indices)."""
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        sd = get_optimizer_state_dict(model, optimizer)
+        writer = HuggingFaceStorageWriter(str(directory), save_distributed=self.env.distributed)
+        save(_flatten_optimizer_state(sd["state"]), storage_writer=writer)
+        return sd["param_groups"]
+
+    def load_sharded_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory,
+                               param_groups: list[dict]) -> None:  # fmt: skip
+        """Load shards written by ``save_sharded_optimizer`` at any world size (or none)."""
+        from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        sd = get_optimizer_state_dict(model, optimizer)  # this layout's (sharded) tensors, to fill
+        flat = _flatten_optimizer_state(sd["state"])
+        load(flat, storage_reader=HuggingFaceStorageReader(str(directory)))
+        set_optimizer_state_dict(model, optimizer, {"state": _unflatten_optimizer_state(flat), "param_groups": param_groups})
+
     def grad_norm(self, params: list[torch.Tensor], clip: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over all shards
             norm = norm.full_tensor()
         return float(norm)
+
+
+def _flatten_optimizer_state(state: dict) -> dict[str, torch.Tensor]:
+    """``{param name: {"exp_avg": t, ...}}`` -> ``{"<param name>/exp_avg": t}`` (tensors only)."""
+    flat = {}
+    for name, values in state.items():
+        for key, value in values.items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimizer state {name}.{key} is not a tensor; it can't be sharded")
+            flat[f"{name}/{key}"] = value
+    return flat
+
+
+def _unflatten_optimizer_state(flat: dict[str, torch.Tensor]) -> dict:
+    state: dict[str, dict] = {}
+    for joined, value in flat.items():
+        name, key = joined.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    return state
 
 
 def _parameter_names(model: nn.Module) -> dict[int, str]:

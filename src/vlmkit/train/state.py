@@ -6,6 +6,9 @@
   ``"<param index>.<name>"`` (e.g. ``"3.exp_avg"``, ``"3.step"``).
 * ``optimizer.json``: ``param_groups`` (hyper-parameters, param indices) and the non-tensor
   per-parameter values.
+* ``optimizer/`` instead of ``optimizer.safetensors`` when the optimizer is sharded (FSDP2):
+  every rank's shards as ``torch.distributed.checkpoint`` safetensors (``train.parallel``), and
+  ``optimizer.json`` holds ``{"sharded": true, "param_groups"}`` with parameter names.
 * ``rng.safetensors``: the torch CPU generator state (and ``cuda.<i>`` for each CUDA device);
   in a data-parallel run every rank's, keyed ``rank<r>.torch_cpu`` etc. for ranks r > 0.
 * ``state.json``: scheduler ``state_dict``, mixture position, python ``random`` and numpy
@@ -120,18 +123,23 @@ def save_training_state(
     mixture: dict | None = None,
     model: torch.nn.Module | None = None,
     rng_of_ranks: list[dict] | None = None,
+    sharded_param_groups: list[dict] | None = None,
 ) -> Path:
     """Write the state into ``directory`` (the caller makes the enclosing write atomic).
 
     ``optimizer`` is an optimizer or its (full) ``state_dict()``. ``progress`` must be JSON-able;
     the trainer stores stage index, stage step, global step, tokens seen, bad-sample counts and
     elapsed time in it. ``rng_of_ranks``: every rank's ``capture_rng()`` (default: this one's).
+    ``optimizer=None`` with ``sharded_param_groups``: the ranks wrote ``optimizer/`` themselves.
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors, meta = _optimizer_to_files(optimizer)
-    save_file(tensors, str(d / "optimizer.safetensors"))
-    _dump_json(d / "optimizer.json", meta)
+    if optimizer is None:
+        _dump_json(d / "optimizer.json", {"format": FORMAT, "sharded": True, "param_groups": sharded_param_groups})
+    else:
+        tensors, meta = _optimizer_to_files(optimizer)
+        save_file(tensors, str(d / "optimizer.safetensors"))
+        _dump_json(d / "optimizer.json", meta)
     ranks = rng_of_ranks or [capture_rng()]
     rng_tensors = {_rank_prefix(r) + k: v for r, rng in enumerate(ranks) for k, v in rng["tensors"].items()}
     save_file(rng_tensors, str(d / "rng.safetensors"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import math
 import time
@@ -38,10 +39,10 @@ from tqdm.auto import tqdm
 from vlmkit.config import StageConfig
 from vlmkit.data.bad_samples import BadSampleError, BadSampleLog, TooManyBadSamples
 from vlmkit.data.mixture import MixtureSampler
-from vlmkit.train.checkpoints import STATE_DIR, CheckpointManager
+from vlmkit.train.checkpoints import SHARDED_OPTIMIZER_DIR, STATE_DIR, CheckpointManager
 from vlmkit.models.lora import add_lora, has_lora, merge_lora
 from vlmkit.train.objectives import make_objective
-from vlmkit.train.parallel import DistEnv, Parallel, barrier, check_stage
+from vlmkit.train.parallel import DistEnv, Parallel, barrier, broadcast_object, check_stage
 from vlmkit.train.stages import build_optimizer
 from vlmkit.train.state import capture_rng, load_training_state, read_progress
 from vlmkit.utils.io import append_jsonl
@@ -297,8 +298,14 @@ class StageTrainer:
     def load_state(self, state_dir: Path) -> None:
         """Continue from a checkpoint taken inside this stage (model weights already loaded)."""
         parallel = self.ctx.parallel
-        info = load_training_state(state_dir, None, lambda sd: parallel.load_optimizer_state(self.model, self.optimizer, sd),
-                                   self.scheduler, rank=self.ctx.env.rank)  # fmt: skip
+        sharded = state_dir / SHARDED_OPTIMIZER_DIR
+        if sharded.is_dir():  # FSDP2 shards: re-sharded for this world size
+            info = load_training_state(state_dir, None, None, self.scheduler, rank=self.ctx.env.rank)
+            groups = json.loads((state_dir / "optimizer.json").read_text(encoding="utf-8"))["param_groups"]
+            parallel.load_sharded_optimizer(self.model, self.optimizer, sharded, groups)
+        else:
+            info = load_training_state(state_dir, None, lambda sd: parallel.load_optimizer_state(self.model, self.optimizer, sd),
+                                       self.scheduler, rank=self.ctx.env.rank)  # fmt: skip
         self.mixture.load_state_dict(info["mixture"])
         self.stage_step = info["progress"]["stage_step"]
 
@@ -310,12 +317,20 @@ class StageTrainer:
             return None
         parallel = ctx.parallel
         rngs = parallel.gather_objects(capture_rng())
-        model_state = parallel.model_state(self.model) if parallel.sharded else None
-        optimizer_state = parallel.optimizer_state(self.model, self.optimizer)
+        shards = groups = optimizer_state = model_state = None
+        if parallel.sharded:  # every rank writes its optimizer shards; rank 0 moves them in
+            if ctx.env.is_main:
+                shards = ctx.checkpoints.shard_dir(ctx.global_step)
+            shards = Path(broadcast_object(ctx.env, str(shards) if shards else None))
+            groups = parallel.save_sharded_optimizer(self.model, self.optimizer, shards)
+            model_state = parallel.model_state(self.model)
+        else:
+            optimizer_state = parallel.optimizer_state(self.model, self.optimizer)
         path = None
         if ctx.env.is_main:
             path = ctx.checkpoints.save(self.model, optimizer_state, self.scheduler, self.progress(),
-                                        self.mixture.state_dict(), rng_of_ranks=rngs, model_state=model_state)  # fmt: skip
+                                        self.mixture.state_dict(), rng_of_ranks=rngs, model_state=model_state,
+                                        sharded_optimizer=shards, sharded_param_groups=groups)  # fmt: skip
             tqdm.write(f"checkpoint {path} (stage {self.stage.name}, step {ctx.global_step})")
         barrier(ctx.env)
         return path
