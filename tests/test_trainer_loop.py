@@ -275,3 +275,38 @@ def test_group_by_modality_keeps_the_rows_and_separates_image_free_ones(tmp_path
     assert len(mixed) <= 1  # text-only rows first, then image rows: at most one batch holds both
     assert kinds[0][0]  # image-free rows come first
     assert sum(len(set(k)) > 1 for k in [[int(i.split("-")[1]) % 3 == 0 for i in b["sample_ids"]] for b in plain]) >= len(mixed)
+
+
+def _rank_trainer(tmp_path, rank, world, sources, **stage_kw):
+    from vlmkit.train.parallel import DistEnv, Parallel
+
+    parallel = Parallel(DistEnv(rank=rank, world_size=world), None, torch.device("cpu"))  # no collectives
+    ctx = _ctx(tmp_path / f"rank{rank}", parallel=parallel)
+    return StageTrainer(ToyVLM(seed=0), _stage(**stage_kw), 0, sources, fake_encode, ctx)
+
+
+def test_ranks_split_each_micro_batch_and_drop_their_bad_rows(tmp_path):
+    """Data-parallel draws: every rank walks the same mixture positions and keeps its slice of
+    each micro-batch; together the ranks hold the rows one process would have drawn (bad ones
+    dropped, not replaced, so the mixtures stay in step)."""
+    sources = {"a": make_source("a", 13, seed=1), "b": make_source("b", 6, bad_every=2, seed=2)}
+    one = _rank_trainer(tmp_path, 0, 1, sources, batch_size=4, grad_accum=2)
+    positions = [one.mixture.next() for _ in range(8)]  # what a step draws, in order
+    expected = [[sources[n].samples[i].id for n, i in positions[k * 4 : (k + 1) * 4]] for k in range(2)]
+    good = {s.id for src in sources.values() for s in src.samples if not s.meta["bad"]}
+    shares = [_rank_trainer(tmp_path, r, 2, sources, batch_size=4, grad_accum=2)._rank_shares(4, 2) for r in (0, 1)]
+    for k in range(2):
+        got = [e.sample_id for r in (0, 1) for e, _ in shares[r][k]]
+        assert got == [sid for sid in expected[k] if sid in good]
+        assert all(sid in expected[k][:2] for sid in [e.sample_id for e, _ in shares[0][k]])
+
+
+def test_a_rank_left_without_good_rows_gets_a_row_with_no_target(tmp_path):
+    from vlmkit.train.objectives import NextTokenObjective
+
+    sources = {"a": make_source("a", 6, bad_every=1, seed=1)}  # every row is bad
+    trainer = _rank_trainer(tmp_path, 1, 2, sources, data={"a": 1.0}, batch_size=2, grad_accum=1)
+    trainer.objective = NextTokenObjective()
+    [share] = trainer._rank_shares(2, 1)
+    [(placeholder, pixels)] = share
+    assert pixels == [] and placeholder.n_images == 0 and placeholder.n_targets == 0
