@@ -77,8 +77,10 @@ def _per_sample_losses(logits, labels, owner, n_items):
     return torch.stack([tok[who == i].sum() for i in range(n_items)])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_and_unpacked_give_the_same_per_sample_losses(attn):
+@pytest.mark.parametrize("attn,one_row", [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_packed_and_unpacked_give_the_same_per_sample_losses(attn, one_row):
+    """Rows under a budget (SDPA, eager), or every sample in one row (the flash-attention
+    varlen layout, checked here with SDPA's block-diagonal mask)."""
     cfg = tiny_model_config()
     cfg = cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"attn_implementation": attn})})
     model, _ = make_model(cfg=cfg)
@@ -91,8 +93,8 @@ def test_packed_and_unpacked_give_the_same_per_sample_losses(attn):
     owner[plain["attention_mask"] == 0] = -1
     unpacked = _per_sample_losses(out.logits, plain["labels"], owner, len(items))
 
-    packed_batch = pack_collate(items, pixels, pad_id=0, max_tokens=64)
-    assert packed_batch["input_ids"].shape[0] < len(items)
+    packed_batch = pack_collate(items, pixels, pad_id=0, max_tokens=64, one_row=one_row)
+    assert packed_batch["input_ids"].shape[0] == 1 if one_row else 1 < packed_batch["input_ids"].shape[0] < len(items)
     with torch.no_grad():
         out_p = model(packed_batch["input_ids"], packed_batch["attention_mask"], packed_batch["pixel_values"],
                       labels=packed_batch["labels"], position_ids=packed_batch["position_ids"])  # fmt: skip

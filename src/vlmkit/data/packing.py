@@ -54,8 +54,12 @@ def pack_collate(
     pad_id: int,
     max_tokens: int,
     max_images: int | None = None,
+    one_row: bool = False,
 ) -> dict:
     """Pack ``items`` (with each item's own image tensors) into rows.
+
+    ``one_row``: every item in a single row, whatever the budgets: the layout transformers'
+    flash-attention path turns into one varlen call (it detects packing only with batch size 1).
 
     Returns the keys of ``collate`` plus ``position_ids`` [R, W] (restarting at 0 per sample)
     and ``sequence_ids`` [R, W] (the item index of each token, -1 on padding).
@@ -69,7 +73,10 @@ def pack_collate(
     for it, pxs in zip(items, pixel_values):
         if it.n_images != len(pxs):
             raise ValueError(f"sample {it.sample_id}: {it.n_images} image(s) in its tokens, {len(pxs)} given")
-    rows = plan_rows([len(it.input_ids) for it in items], [it.n_images for it in items], max_tokens, max_images)
+    if one_row:
+        rows = [list(range(len(items)))]
+    else:
+        rows = plan_rows([len(it.input_ids) for it in items], [it.n_images for it in items], max_tokens, max_images)
     width = max(sum(len(items[i].input_ids) for i in row) for row in rows)
     n_rows = len(rows)
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)

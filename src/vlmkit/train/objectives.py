@@ -51,9 +51,10 @@ class NextTokenObjective:
 
     unit = "targets"
 
-    def __init__(self, loss_chunk_tokens: int | None = None, packing=None) -> None:
+    def __init__(self, loss_chunk_tokens: int | None = None, packing=None, one_row: bool = False) -> None:
         self.chunk = {"loss_chunk_tokens": loss_chunk_tokens} if loss_chunk_tokens else {}
         self.packing = packing  # a PackingConfig: the micro-batch's samples share rows
+        self.one_row = one_row  # flash-attention: all of them in one row (its varlen kernel)
 
     def length(self, item) -> int:
         return len(item[0].input_ids)
@@ -64,7 +65,8 @@ class NextTokenObjective:
     def collate(self, items: list, collate_fn, pad_id: int) -> dict:
         encoded = [e for e, _ in items]
         if self.packing is not None:
-            return pack_collate(encoded, [pxs for _, pxs in items], pad_id, self.packing.tokens, self.packing.max_images)
+            return pack_collate(encoded, [pxs for _, pxs in items], pad_id, self.packing.tokens, self.packing.max_images,
+                                one_row=self.one_row)  # fmt: skip
         pixels = [px for _, pxs in items for px in pxs]
         batch = collate_fn(encoded, pixels, pad_id, padding_side="right")
         batch["sample_ids"] = [getattr(e, "sample_id", None) for e in encoded]
@@ -157,7 +159,9 @@ def make_objective(stage: StageConfig, model: nn.Module, run_dir: Path, write_re
         if stage.packing is not None and getattr(model, "fuses_by_cross_attention", False):
             raise ConfigError(f"stages.{stage.name}.packing: not supported with connector.fusion=cross_attention "
                               "(a sample's text would read the images of the samples before it in the row)")
-        return NextTokenObjective(stage.loss_chunk_tokens, stage.packing)
+        config = getattr(model, "config", None)
+        flash = getattr(getattr(config, "llm", None), "attn_implementation", None) == "flash_attention_2"
+        return NextTokenObjective(stage.loss_chunk_tokens, stage.packing, one_row=flash)
     reference = None
     if not stage.dpo.reference_free:
         reference = frozen_reference(model, Path(run_dir) / f"reference-{stage.name}.safetensors", write_reference)
