@@ -47,6 +47,15 @@ def test_param_groups_decay_only_matrices_and_per_entry_lr():
         param_groups(sel, {"connector": 1e-3}, 0.0)
 
 
+def test_weight_decay_per_entry():
+    sel = select_trainable(ToyVLM(), ["connector", "llm"])
+    groups = {g["name"]: g for g in param_groups(sel, 1e-3, weight_decay={"llm": 0.05})}
+    assert groups["llm"]["weight_decay"] == 0.05 and groups["connector"]["weight_decay"] == 0.0
+    assert groups["llm/no_decay"]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="not in trainable"):
+        StageConfig(name="s", data={"a": 1.0}, trainable=["llm"], lr=1e-3, steps=1, weight_decay={"vision": 0.1})
+
+
 def test_lr_schedule_warmup_cosine_constant():
     assert lr_at(0, 10, 2, "cosine", 0.1) == pytest.approx(0.5)
     assert lr_at(1, 10, 2, "cosine", 0.1) == pytest.approx(1.0)

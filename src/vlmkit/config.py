@@ -201,7 +201,8 @@ class StageConfig(StrictModel):
     image_size: int | None = Field(None, gt=0)
     trainable: list[str]  # part names ("vision", "connector", "llm") or parameter-name globs
     lr: dict[str, float] | float  # per trainable entry, or one rate for all
-    weight_decay: float = Field(0.0, ge=0)  # never applied to norms and biases
+    # one value, or one per trainable entry (missing entries: 0); never applied to norms and biases
+    weight_decay: dict[str, float] | float = 0.0
     batch_size: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
     # sort the step's batch_size * grad_accum rows by length before cutting them into its
@@ -247,6 +248,13 @@ class StageConfig(StrictModel):
             missing = [t for t in self.trainable if t not in self.lr]
             if missing:
                 raise ValueError(f"lr has no rate for trainable entries {missing}")
+        decays = self.weight_decay.values() if isinstance(self.weight_decay, dict) else [self.weight_decay]
+        if any(d < 0 for d in decays):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if isinstance(self.weight_decay, dict):
+            unknown = [k for k in self.weight_decay if k not in self.trainable]
+            if unknown:
+                raise ValueError(f"weight_decay names entries {unknown} that are not in trainable {self.trainable}")
         return self
 
 

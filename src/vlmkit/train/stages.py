@@ -2,7 +2,7 @@
 
 * ``select_trainable`` turns a stage's ``trainable`` entries (part names from ``model.parts()``
   or ``fnmatch`` globs over full parameter names) into groups of parameters and freezes the rest.
-* ``param_groups`` gives each entry its own learning rate and applies weight decay only to
+* ``param_groups`` gives each entry its own learning rate and weight decay, applied only to
   parameters with ``ndim >= 2`` (weight matrices, embeddings, conv kernels). Biases, norm
   scales and any other 1-D or scalar parameter never decay.
 * ``lr_at`` is the LR multiplier: linear warmup, then cosine down to ``min_lr_ratio`` (or constant).
@@ -70,7 +70,7 @@ def _rate(lr: dict[str, float] | float, entry: str) -> float:
     return float(lr)
 
 
-def param_groups(selected: Selected, lr: dict[str, float] | float, weight_decay: float) -> list[dict]:
+def param_groups(selected: Selected, lr: dict[str, float] | float, weight_decay: dict[str, float] | float) -> list[dict]:
     """One or two optimizer groups per entry: ``ndim >= 2`` parameters decay, the rest don't.
 
     Each group carries a ``name`` (``"<entry>"`` or ``"<entry>/no_decay"``) for logging.
@@ -82,7 +82,8 @@ def param_groups(selected: Selected, lr: dict[str, float] | float, weight_decay:
         decay = [p for _, p in params if p.ndim >= 2]
         no_decay = [p for _, p in params if p.ndim < 2]
         if decay:
-            groups.append({"name": entry, "params": decay, "lr": rate, "weight_decay": weight_decay})
+            decay_rate = weight_decay.get(entry, 0.0) if isinstance(weight_decay, dict) else weight_decay
+            groups.append({"name": entry, "params": decay, "lr": rate, "weight_decay": float(decay_rate)})
         if no_decay:
             groups.append({"name": f"{entry}/no_decay", "params": no_decay, "lr": rate, "weight_decay": 0.0})
     return groups
