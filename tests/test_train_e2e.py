@@ -240,3 +240,20 @@ def test_torch_compile_trains_like_eager(tiny_world, tmp_path):
     m_eager, _ = load_checkpoint(eager)
     m_compiled, _ = load_checkpoint(compiled)
     assert list(m_eager.state_dict()) == list(m_compiled.state_dict())
+
+
+def test_the_stages_recipe_runs_every_stage_kind(tiny_world, tmp_path):
+    """The built-in shapes-tiny-stages recipe: align, pretrain on documents (MM1 mixture),
+    highres, instruct, dpo, in that order, two steps each; the final model is at 128 px."""
+    from vlmkit.config import load_recipe
+
+    recipe = load_recipe("shapes-tiny-stages", ["stages.pretrain.max_seq_len=512", "stages.pretrain.packing.tokens=1024"])
+    assert recipe.stage("pretrain").data == {"captions": 5.0, "documents": 5.0, "text": 1.0}
+    final = train(recipe, data_dir=tiny_world, out_dir=tmp_path / "r", max_steps=2)
+    stages = []
+    for row in read_jsonl(tmp_path / "r" / "metrics.jsonl"):
+        if not stages or stages[-1] != row["stage"]:
+            stages.append(row["stage"])
+    assert stages == ["align", "pretrain", "highres", "instruct", "dpo"]
+    model, _ = load_checkpoint(final)
+    assert model.config.vision.image_size == 128

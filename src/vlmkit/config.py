@@ -325,11 +325,11 @@ class Recipe(StrictModel):
                         f"stages.{i}.data names source {src!r}, which is not under data "
                         f"(known: {sorted(self.data)})"
                     )
-                wants = "llava-preference" if stage.objective == "dpo" else "llava"
-                if self.data[src].format != wants:
+                wants = ("llava-preference",) if stage.objective == "dpo" else ("llava", "interleaved")
+                if self.data[src].format not in wants:
                     raise ValueError(
                         f"stages.{i}.data: source {src!r} is in format {self.data[src].format!r}, but a "
-                        f"{stage.objective} stage reads {wants!r} sources"
+                        f"{stage.objective} stage reads {' or '.join(map(repr, wants))} sources"
                     )
         return self
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmkit.data.bad_samples import BadSampleError
+from vlmkit.data.formats.interleaved import is_interleaved_file, iter_interleaved
 from vlmkit.data.formats.llava import DatasetFormatError, NotRowsError, iter_llava
 from vlmkit.data.images import DEFAULT_MAX_PIXELS, load_image
 
@@ -55,7 +56,7 @@ def check_dataset(path: str | Path, max_pixels: int | None = None) -> CheckRepor
         root = file.parent
         cache: dict[tuple, str | None] = {}
         try:
-            rows = list(iter_llava(file))
+            rows = list(iter_interleaved(file) if is_interleaved_file(file) else iter_llava(file))
         except DatasetFormatError as err:
             if isinstance(err, NotRowsError) and path.is_dir():  # e.g. world.json beside the data
                 report.skipped_files.append(str(file))

@@ -1,9 +1,11 @@
 """Training data: the recipe's sources read into memory, and the sample -> tensors encoder.
 
-``load_sources`` reads each ``DataSource`` (LLaVA JSON) once and keeps the samples of the
-listed tasks. ``SampleEncoder.encode`` turns one sample into token ids/labels (``ChatTemplate``)
-and pixel tensors (``load_image`` -> ``ImageProcessor``), with bounded in-memory LRUs of
-encoded conversations and processed images. The caches never change results: encoding and
+``load_sources`` reads each ``DataSource`` (LLaVA JSON, LLaVA preferences, or interleaved
+documents) once and keeps the samples of the listed tasks. ``SampleEncoder.encode`` turns one
+sample into token ids/labels (``ChatTemplate``: a conversation through the chat template, a
+document -- ``meta["document"]`` -- as plain text with the loss on all of it) and pixel tensors
+(``load_image`` -> ``ImageProcessor``), with bounded in-memory LRUs of encoded conversations
+and processed images. The caches never change results: encoding and
 processing are deterministic, and a cached entry is exactly what a fresh encode gives. (The text
 cache matters for multi-turn dialogues: deriving their labels turn by turn tokenizes every prefix,
 about 8 ms for an 8-question dialogue, and a run draws each row several times.)
@@ -43,9 +45,10 @@ def load_sources(
     names: list[str] | None = None,
 ) -> dict[str, SourceData]:
     """Read the sources (all, or those in ``names``), filtered by their ``tasks``."""
+    from vlmkit.data.formats.interleaved import read_interleaved
     from vlmkit.data.formats.llava import read_llava, read_preferences
 
-    readers = {"llava": read_llava, "llava-preference": read_preferences}
+    readers = {"llava": read_llava, "llava-preference": read_preferences, "interleaved": read_interleaved}
 
     out = {}
     files: dict[tuple[Path, str], list] = {}  # several sources often filter one file: read it once
@@ -143,8 +146,10 @@ class SampleEncoder:
         # keyed by everything the encoding depends on, so equal keys give equal encodings
         per_image = tokens_per_image if isinstance(tokens_per_image, int) else tuple(
             e if isinstance(e, int) else tuple(e) for e in tokens_per_image)  # fmt: skip
+        document = bool(sample.meta.get("document"))
         key = (
             sample.id,
+            document,
             len(sample.images),
             tuple((t.role, turn_content(t)) for t in sample.turns),
             per_image,
@@ -152,7 +157,10 @@ class SampleEncoder:
         cached = self._text_cache.get(key)
         if cached is None:
             try:
-                cached = self.template.encode_for_training(sample, tokens_per_image, None)
+                if document:  # interleaved documents: plain text, loss on all of it
+                    cached = self.template.encode_document(sample, tokens_per_image, None)
+                else:
+                    cached = self.template.encode_for_training(sample, tokens_per_image, None)
             except LabelMaskingError as err:
                 raise BadSampleError("label_masking", str(err)) from err
             if self.text_cache_size > 0:

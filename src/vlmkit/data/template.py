@@ -9,6 +9,10 @@ prompt (where the answer starts) and up to turn *i* without it (where the turn e
 renderings must tokenize to a prefix of the whole conversation's ids, otherwise the template
 does not render a turn the same way wherever it sits, and we refuse (``LabelMaskingError``)
 rather than guess. See docs/template.md for a worked example.
+
+Interleaved documents (``meta["document"]``, docs/formats.md) are not chats: ``encode_document``
+tokenizes their text as plain text, images as ``<image>``, ends it with eos, and puts the loss on
+every text token.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class ChatTemplate:
         self._control_ids: set[int] = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
         self._control_ids.discard(image_id)
         self._eot_id: int = self._find_end_of_turn()
+        self._doc_prefix: list[int] | None = None  # see _document_prefix
 
     # ------------------------------------------------------------------ properties
 
@@ -249,9 +254,14 @@ class ChatTemplate:
     ) -> Encoded:
         """Ids and labels for one sample: loss on each assistant turn's text and its end token.
 
+        A document (``sample.meta["document"]``, e.g. from the interleaved format) is not a chat:
+        it goes to `encode_document` (plain text, loss on all of it).
+
         Raises ``LabelMaskingError`` (a ``ValueError``) when the labels can't be derived or would
         all be masked, and ``BadSampleError`` with reason ``image_count_mismatch`` or ``too_long``.
         """
+        if sample.meta.get("document"):
+            return self.encode_document(sample, tokens_per_image, max_len)
         ids, labels = self._labels(sample)
         n_placeholders = sum(1 for i in ids if i == self._image_id)
         if n_placeholders != len(sample.images):
@@ -259,6 +269,56 @@ class ChatTemplate:
                 "image_count_mismatch",
                 f"sample {sample.id}: {n_placeholders} {IMAGE} token(s) for {len(sample.images)} image(s)",
             )
+        ids, labels, n_images = self._expand(ids, labels, tokens_per_image)
+        assert labels is not None
+        if max_len is not None and len(ids) > max_len:
+            raise BadSampleError("too_long", f"{len(ids)} tokens > {max_len}")
+        return Encoded(input_ids=ids, labels=labels, n_images=n_images, sample_id=sample.id)
+
+    # ------------------------------------------------------------------ documents
+
+    @property
+    def document_end_id(self) -> int:
+        """The token that ends an interleaved document: the tokenizer's eos (end of text), or the
+        end-of-turn token if it has none."""
+        eos = self.tokenizer.eos_token_id
+        return eos if eos is not None else self._eot_id
+
+    def _document_prefix(self) -> list[int]:
+        """The special ids the tokenizer puts before plain text by itself (e.g. Llama's BOS;
+        nothing for the tiny and Qwen tokenizers), found by tokenizing a probe both ways."""
+        prefix = self._doc_prefix
+        if prefix is None:
+            bare = self._ids(_PROBE_USER)
+            full = list(self.tokenizer(_PROBE_USER, add_special_tokens=True)["input_ids"])
+            starts = [s for s in range(len(full) - len(bare) + 1) if full[s : s + len(bare)] == bare]
+            prefix = full[: starts[0]] if starts else []
+            self._doc_prefix = prefix
+        return list(prefix)
+
+    def encode_document(self, sample: Sample, tokens_per_image: ImageTokens, max_len: int | None = None) -> Encoded:
+        """Ids and labels for an interleaved document (``sample.meta["document"]``): plain text, no
+        chat template, loss on all of it.
+
+        The ids are the tokenizer's own prefix (BOS if it adds one to plain text), the parts of
+        every turn joined as written with ``<image>`` for each image, tokenized as plain text, then
+        `document_end_id`. Every id is its own label except the image tokens and the prefix
+        (nothing precedes it to predict it from); the end token is a target, so the model learns
+        where documents end. Raises ``BadSampleError`` with reason ``image_count_mismatch`` or
+        ``too_long``, and ``LabelMaskingError`` if no text token is left to learn from.
+        """
+        prefix = self._document_prefix()
+        body = self._ids("".join(turn_content(t) for t in sample.turns)) + [self.document_end_id]
+        n_placeholders = sum(1 for i in body if i == self._image_id)
+        if n_placeholders != len(sample.images):
+            raise BadSampleError(
+                "image_count_mismatch",
+                f"sample {sample.id}: {n_placeholders} {IMAGE} token(s) for {len(sample.images)} image(s)",
+            )
+        ids = prefix + body
+        labels = [IGNORE_INDEX] * len(prefix) + [IGNORE_INDEX if i == self._image_id else i for i in body]
+        if not any(i not in self._control_ids for i in body if i != self._image_id):
+            raise LabelMaskingError(f"sample {sample.id}: the document has no text; it would teach nothing")
         ids, labels, n_images = self._expand(ids, labels, tokens_per_image)
         assert labels is not None
         if max_len is not None and len(ids) > max_len:

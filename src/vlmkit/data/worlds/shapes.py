@@ -17,6 +17,9 @@ first is, with probability `PARTNER_PROB`, the fixed partner (`PARTNERS`) of an 
 POPE negatives use statistics of the *training* scenes (stored in the manifest under ``stats``):
 ``popular`` asks about the most frequent absent shape, ``adversarial`` about the absent shape that
 co-occurs most with the present ones (coloured with a colour present in the scene).
+
+Interleaved documents (``documents.jsonl``, `make_documents`) tie 2-4 training pictures together
+in text, for the interleaved pre-training stage; they never use a test scene.
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image, ImageDraw, ImageFont
 
+from vlmkit.data.formats.interleaved import dumps_documents, sample_to_document
 from vlmkit.data.formats.llava import dumps_rows, preference_to_row, sample_to_row
 from vlmkit.data.sample import Box, ImageRef, Part, PreferencePair, Sample, Turn
 from vlmkit.utils.io import atomic_write_json, atomic_write_text
 
-VERSION = 3  # 2: "an orange ..." instead of "a orange ..."; 3: binding drills in the train split
-# Scenes and their random streams are those of version 2: only the training rows changed in
-# version 3, so held-out figures stay comparable with earlier measurements.
+VERSION = 4  # 2: "an orange ..." instead of "a orange ..."; 3: binding drills in the train split;
+# 4: documents.jsonl (interleaved documents of train scenes)
+# Scenes and their random streams are those of version 2: only the training data changed in
+# versions 3 and 4, so held-out figures stay comparable with earlier measurements.
 SCENE_STREAM = 2
 GRID = 4
 MAX_OBJECTS = 6
@@ -613,6 +618,124 @@ def _test_rows(mk: _RowMaker, index: int, image: str, scene: dict, rng: random.R
         mk.dialogue(f"{sid}-dlg", image, scene, rng)
 
 
+# ================================================================== interleaved documents
+
+DOCUMENT_INTROS = (
+    "Here are {k} pictures of shapes.",
+    "This page shows {k} pictures of shapes.",
+    "{k} pictures of shapes on dark backgrounds.",
+)
+ORDINALS = ("first", "second", "third", "fourth")
+RELATION_PHRASES = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+DOCUMENT_IMAGES = (2, 4)  # images per document, inclusive
+# Detailed captions and relation sentences are rarer than short captions, and the text has a
+# budget (see make_document): every document of the default world then fits shapes-tiny's
+# 192-token sequences (at most 191 tokens with 16 tokens per image and the 1024-token tiny BPE).
+DOCUMENT_DETAILED_PROB = 0.25
+DOCUMENT_RELATION_PROB = 0.3
+DOCUMENT_TEXT_BUDGET = 480  # characters
+
+
+def relation_sentence(scene: dict, rng: random.Random) -> str | None:
+    """``"The red circle is left of the blue square."`` for a random clear pair of uniquely named
+    objects (as the spatial VQA question), or None if the scene has none."""
+    uniq = unique_referents(scene)
+    pairs = [(a, b, rel) for a in uniq for b in uniq if a is not b for rel in [spatial_relation(a, b)] if rel]
+    if not pairs:
+        return None
+    a, b, rel = rng.choice(pairs)
+    return f"The {obj_name(a)} is {RELATION_PHRASES[rel]} the {obj_name(b)}."
+
+
+def count_sentences(scenes: list[dict]) -> str:
+    """The closing sentences: the first two pictures' object counts compared; with more pictures,
+    the one with the most objects (if one has) and the total."""
+    n = [len(sc["objects"]) for sc in scenes]
+    if n[0] > n[1]:
+        out = ["The first picture has more objects than the second."]
+    elif n[0] < n[1]:
+        out = ["The second picture has more objects than the first."]
+    else:
+        out = ["The first and second pictures have the same number of objects."]
+    if len(n) > 2:
+        top = [i for i, c in enumerate(n) if c == max(n)]
+        if len(top) == 1:
+            out.append(f"The {ORDINALS[top[0]]} picture has the most objects.")
+        out.append(f"In all, there are {sum(n)} objects.")
+    return " ".join(out)
+
+
+def _short_document_length(scenes: list[dict]) -> int:
+    """Characters of a document about ``scenes`` with short captions, no relations, the longest intro."""
+    intro = max(len(i.format(k=len(scenes))) for i in DOCUMENT_INTROS) + 1
+    pictures = sum(len(f"Picture {k + 1}:  It shows {caption_short(sc)}\n") for k, sc in enumerate(scenes))
+    return intro + pictures + len(count_sentences(scenes))
+
+
+def make_document(sid: str, images: list[str], scenes: list[dict], rng: random.Random) -> Sample:
+    """An interleaved document (one assistant turn, ``meta["document"]``) about 2-4 pictures::
+
+        Here are 3 pictures of shapes.
+        Picture 1: <image> It shows a red circle and a green triangle. The red circle is left of ...
+        Picture 2: <image> It shows a small blue hexagon at top left, ...
+        Picture 3: <image> It shows ...
+        The second picture has more objects than the first. ... In all, there are 7 objects.
+
+    Each caption is the short one (`caption_short`), or with probability `DOCUMENT_DETAILED_PROB`
+    the detailed one (`caption_detailed`), followed with probability `DOCUMENT_RELATION_PROB` by a
+    spatial relation (`relation_sentence`) when the scene has one. The text is kept within
+    `DOCUMENT_TEXT_BUDGET` characters where it can be: pictures after the second are dropped while
+    even short captions would exceed it, and a detailed caption or relation is only used if it
+    fits. ``meta["scenes"]`` holds the scenes, in picture order.
+    """
+    # pictures beyond the second are dropped while even short captions would not fit the budget
+    while len(scenes) > DOCUMENT_IMAGES[0] and _short_document_length(scenes) > DOCUMENT_TEXT_BUDGET:
+        images, scenes = images[:-1], scenes[:-1]
+    intro = rng.choice(DOCUMENT_INTROS).format(k=len(images)) + "\n"
+    closing = count_sentences(scenes)
+    captions = [caption_short(sc) for sc in scenes]
+    extras = ["" for _ in scenes]
+
+    def paragraph(k: int) -> str:  # what follows picture k's image
+        return f" It shows {captions[k]}{extras[k]}\n"
+
+    def length() -> int:
+        pictures = sum(len(f"Picture {k + 1}: ") + len(paragraph(k)) for k in range(len(scenes)))
+        return len(intro) + pictures + len(closing)
+
+    for k, scene in enumerate(scenes):
+        detailed = caption_detailed(scene) if rng.random() < DOCUMENT_DETAILED_PROB else None
+        rel = relation_sentence(scene, rng) if rng.random() < DOCUMENT_RELATION_PROB else None
+        if detailed and length() - len(captions[k]) + len(detailed) <= DOCUMENT_TEXT_BUDGET:
+            captions[k] = detailed
+        if rel and length() + 1 + len(rel) <= DOCUMENT_TEXT_BUDGET:
+            extras[k] = f" {rel}"
+    parts: list[Part] = []
+    text = intro
+    for k in range(len(scenes)):
+        parts += [Part(text=text + f"Picture {k + 1}: "), Part(image=k)]
+        text = paragraph(k)
+    parts.append(Part(text=text + closing))
+    meta = {"task": "document", "document": True, "scenes": scenes}
+    return Sample(sid, [Turn("assistant", parts)], [ImageRef(path=p) for p in images], meta)
+
+
+def make_documents(seed: int, image_paths: list[str], scenes: list[dict]) -> list[Sample]:
+    """``max(1, n // 4)`` documents over the given (training) images, none if there are fewer than
+    two. Document ``j`` has its own random stream, picks 2-4 distinct images and describes them
+    (`make_document`, which may drop pictures after the second to keep the text short)."""
+    n = len(scenes)
+    if n < DOCUMENT_IMAGES[0]:
+        return []
+    docs = []
+    for j in range(max(1, n // 4)):
+        rng = _scene_rng(seed, "train", j, "document")
+        k = rng.randint(DOCUMENT_IMAGES[0], min(DOCUMENT_IMAGES[1], n))
+        picks = rng.sample(range(n), k)
+        docs.append(make_document(f"train-doc-{j:06d}", [image_paths[i] for i in picks], [scenes[i] for i in picks], rng))
+    return docs
+
+
 def _compute_stats(scenes: list[dict]) -> dict:
     freq = {s: 0 for s in SHAPES}
     cooc = {a: {b: 0 for b in SHAPES if b != a} for a in SHAPES}
@@ -661,6 +784,7 @@ def generate_world(out_dir: str | Path, n_train: int = 4000, n_test: int = 500, 
     """Write the shapes world to ``out_dir`` and return its manifest (also ``out_dir/world.json``).
 
     Files: ``train.json``, ``test.json`` (LLaVA JSON), ``preference_train.json``,
+    ``documents.jsonl`` (interleaved documents of train images, see `make_documents`),
     ``images/{split}_{index:06d}.png``, ``world.json``. Same arguments -> byte-identical files;
     if ``world.json`` already records the same parameters and `VERSION`, nothing is regenerated.
     """
@@ -686,7 +810,8 @@ def generate_world(out_dir: str | Path, n_train: int = 4000, n_test: int = 500, 
         for split, n in (("train", n_train), ("test", n_test))
     }
     stats = _compute_stats(scenes["train"])
-    files = {"train": "train.json", "test": "test.json", "preference_train": "preference_train.json"}
+    files = {"train": "train.json", "test": "test.json", "preference_train": "preference_train.json",
+             "documents": "documents.jsonl"}  # fmt: skip
     counts: dict[str, Any] = {}
     details: dict[str, Any] = {}
     n_images = 0
@@ -718,6 +843,10 @@ def generate_world(out_dir: str | Path, n_train: int = 4000, n_test: int = 500, 
         if split == "train":
             atomic_write_text(out / files["preference_train"], dumps_rows([preference_to_row(p) for p in mk.prefs]))
             counts["preference_train"] = len(mk.prefs)
+            # interleaved documents: training images only, so no test scene is ever seen in training
+            docs = make_documents(seed, image_paths, split_scenes)
+            atomic_write_text(out / files["documents"], dumps_documents([sample_to_document(d) for d in docs]))
+            counts["documents"] = len(docs)
     counts["images"] = n_images
     manifest = {
         "generator": "vlmkit.data.worlds.shapes",
@@ -756,9 +885,13 @@ def template_texts() -> Iterator[str]:
 
 
 def world_texts(out_dir: str | Path) -> Iterator[str]:
-    """All text of the train split (prompts, answers, preference answers) and the template vocabulary.
+    """All text of the train split's conversations (prompts, answers, preference answers) and the
+    template vocabulary: what the tiny BPE is trained on.
 
-    ``<image>`` placeholders are removed (the tokenizer adds it as a special token).
+    ``<image>`` placeholders are removed (the tokenizer adds it as a special token). The
+    documents (``documents.jsonl``) are left out on purpose: their sentences reuse the captions'
+    words, the byte-level BPE encodes the rest, and leaving them out keeps the tokenizer -- and so
+    the demo's published figures -- what they were before the world had documents.
     """
     out = Path(out_dir)
     yield from template_texts()
