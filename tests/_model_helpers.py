@@ -59,3 +59,12 @@ def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torc
         ids[i, t - len(r) :] = torch.tensor(r)
         mask[i, t - len(r) :] = 1
     return ids, mask
+
+
+def chat_tokenizer(texts: list[str], out_dir, vocab_size: int = 400):
+    """The tiny byte-level BPE trained on ``texts``, with vlmkit's default chat template."""
+    from vlmkit.data.tokenizer import DEFAULT_CHAT_TEMPLATE, train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer(texts, vocab_size, out_dir)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from _model_helpers import chat_tokenizer
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -184,12 +186,11 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return train_tiny_tokenizer(TEXTS, 400, tmp_path_factory.mktemp("tiny"))
+    return chat_tokenizer(TEXTS, tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
 def ct(tok):
-    tok.chat_template = DEFAULT_CHAT_TEMPLATE
     return ChatTemplate(tok)
 
 

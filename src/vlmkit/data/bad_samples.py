@@ -63,3 +63,19 @@ class BadSampleLog:
         reasons = Counter(r.split(":")[0] for _, _, r in self.bad)
         parts = ", ".join(f"{k}: {v}" for k, v in reasons.most_common())
         return f"{len(self.bad)} of {self.seen} samples skipped ({parts})"
+
+
+def keep_good(items, bad_log: "BadSampleLog | None") -> list:
+    """The good items of ``(id, where, item_or_error)`` triples, as the format readers yield them:
+    each ``BadSampleError`` is recorded in ``bad_log`` (or raised, naming where, without one)."""
+    out = []
+    for sid, where, item in items:
+        if isinstance(item, BadSampleError):
+            if bad_log is None:
+                raise BadSampleError(item.reason, f"{where} (id {sid}): {item.detail}")
+            bad_log.record(where, sid, item)
+        else:
+            if bad_log is not None:
+                bad_log.ok()
+            out.append(item)
+    return out

@@ -35,7 +35,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from vlmkit.data.bad_samples import BadSampleError, BadSampleLog
+from vlmkit.data.bad_samples import BadSampleError, BadSampleLog, keep_good
 from vlmkit.data.formats.llava import (
     IMAGE_TOKEN,
     _URL_RE,
@@ -150,17 +150,7 @@ def read_interleaved(
     `dataset_root`). A bad line raises `BadSampleError`, or is recorded in ``bad_log`` and skipped.
     """
     del root  # paths are kept relative; the root is given to load_image by the caller
-    out = []
-    for sid, where, item in iter_interleaved(path):
-        if isinstance(item, BadSampleError):
-            if bad_log is None:
-                raise BadSampleError(item.reason, f"{where} (id {sid}): {item.detail}")
-            bad_log.record(where, sid, item)
-        else:
-            if bad_log is not None:
-                bad_log.ok()
-            out.append(item)
-    return out
+    return keep_good(iter_interleaved(path), bad_log)
 
 
 def is_interleaved_file(path: str | Path) -> bool:

@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from vlmkit.data.bad_samples import BadSampleError, BadSampleLog
+from vlmkit.data.bad_samples import BadSampleError, BadSampleLog, keep_good
 from vlmkit.data.sample import ImageRef, Part, PreferencePair, Sample, Turn
 from vlmkit.utils.io import atomic_write_bytes, atomic_write_text
 
@@ -211,17 +211,7 @@ def iter_llava(path: str | Path, parse=parse_row) -> Iterator[tuple[str, str, Sa
 
 
 def _read(path, bad_log, parse) -> list:
-    out = []
-    for sid, where, item in iter_llava(path, parse):
-        if isinstance(item, BadSampleError):
-            if bad_log is None:
-                raise BadSampleError(item.reason, f"{where} (id {sid}): {item.detail}")
-            bad_log.record(where, sid, item)
-        else:
-            if bad_log is not None:
-                bad_log.ok()
-            out.append(item)
-    return out
+    return keep_good(iter_llava(path, parse), bad_log)
 
 
 def read_llava(path: str | Path, root: str | Path | None = None, bad_log: BadSampleLog | None = None) -> list[Sample]:
