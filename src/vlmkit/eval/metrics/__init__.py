@@ -1,7 +1,30 @@
 """Metrics: each module defines the exact computation in its docstrings (see docs/evaluation.md)."""
 
+from vlmkit.eval.metrics.anls import anls, anls_score, levenshtein
 from vlmkit.eval.metrics.exact import accuracy_by_type, exact_match, mean
 from vlmkit.eval.metrics.grounding import box_iou, grounding_metrics
+from vlmkit.eval.metrics.mcq import circular_scores, circular_variants, extract_option
+from vlmkit.eval.metrics.mme import COGNITION_SUBTASKS, PERCEPTION_SUBTASKS, mme_scores
+from vlmkit.eval.metrics.vqa import normalize_vqa_answer, vqa_accuracy, vqa_scores
 from vlmkit.eval.metrics.yesno import yesno_metrics
 
-__all__ = ["accuracy_by_type", "box_iou", "exact_match", "grounding_metrics", "mean", "yesno_metrics"]
+__all__ = [
+    "COGNITION_SUBTASKS",
+    "PERCEPTION_SUBTASKS",
+    "accuracy_by_type",
+    "anls",
+    "anls_score",
+    "box_iou",
+    "circular_scores",
+    "circular_variants",
+    "exact_match",
+    "extract_option",
+    "grounding_metrics",
+    "levenshtein",
+    "mean",
+    "mme_scores",
+    "normalize_vqa_answer",
+    "vqa_accuracy",
+    "vqa_scores",
+    "yesno_metrics",
+]
