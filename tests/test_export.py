@@ -329,3 +329,40 @@ def test_cli_export(clip_ckpt, tmp_path, capsys):
     assert "CNN" in err and VLMKIT_FORMAT in err
     with pytest.raises(SystemExit):
         main(["export", str(cnn), "--format", "gguf", str(tmp_path / "hf3")])
+
+
+def test_an_exported_checkpoint_answers_the_same_through_the_hf_predictor(clip_ckpt, tmp_path):
+    """``vlmkit eval --hf-model``: a Hugging Face LLaVA directory as a predictor. On the export
+    of a vlmkit checkpoint it gives exactly the vlmkit predictor's greedy answers, in a batch
+    that mixes one-image and text-only prompts."""
+    from vlmkit.data.sample import ImageRef, Sample
+    from vlmkit.infer.hf_llava import load_hf_llava_predictor
+    from vlmkit.infer.predictor import load_predictor
+
+    out = export_checkpoint(clip_ckpt, tmp_path / "hf")
+    for k, (w, h) in enumerate([(40, 30), (32, 32), (25, 50)]):
+        _image(w, h, k).save(tmp_path / f"im{k}.png")
+    samples = [
+        Sample(f"s{k}", [Turn("user", [Part(image=0), Part(text=f"w{k + 3} w{k + 7}")])], [ImageRef(path=f"im{k}.png")])
+        for k in range(3)
+    ] + [Sample("t", [Turn("user", [Part(text="w5 w6 w7")])])]
+    ours, _ = load_predictor(clip_ckpt, image_root=tmp_path, max_new_tokens=6, device="cpu")
+    theirs, info = load_hf_llava_predictor(out, image_root=tmp_path, max_new_tokens=6, device="cpu")
+    expected = ours(samples)
+    assert any(expected)  # the random model says something, so the comparison means something
+    assert theirs(samples) == expected
+    assert info["hf_model"] == str(out) and info["parameters"] > 0
+
+
+def test_vlmkit_eval_hf_model_on_the_world(clip_ckpt, tmp_path, tiny_world):
+    """The CLI path: ``vlmkit eval --hf-model EXPORT`` scores the same as the checkpoint itself."""
+    from vlmkit.cli import main
+
+    out = export_checkpoint(clip_ckpt, tmp_path / "hf")
+    common = ["--data", str(tiny_world), "--limit", "4", "--batch-size", "4"]
+    assert main(["eval", str(clip_ckpt), "--out", str(tmp_path / "ours"), *common]) == 0
+    assert main(["eval", "--hf-model", str(out), "--out", str(tmp_path / "theirs"), *common]) == 0
+    ours = json.loads((tmp_path / "ours" / "results.json").read_text())
+    theirs = json.loads((tmp_path / "theirs" / "results.json").read_text())
+    assert theirs["model"]["hf_model"] == str(out)
+    assert {t: r["metrics"] for t, r in theirs["tasks"].items()} == {t: r["metrics"] for t, r in ours["tasks"].items()}

@@ -56,8 +56,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vlmkit.eval.runner import evaluate
 
+    if (args.checkpoint is None) == (args.hf_model is None):
+        raise SystemExit("vlmkit eval: give a vlmkit CHECKPOINT or --hf-model PATH (one of them)")
     results = evaluate(
         args.checkpoint,
+        hf_model=args.hf_model,
         data_dir=args.data,
         out_dir=args.out,
         blind=args.blind,
@@ -149,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split")
-    ev.add_argument("checkpoint")
+    ev.add_argument("checkpoint", nargs="?", default=None, help="a vlmkit checkpoint (or use --hf-model)")
+    ev.add_argument("--hf-model", default=None, metavar="PATH",
+                    help="evaluate a Hugging Face LLaVA-format model (directory or hub name) instead")
     ev.add_argument("--data", required=True, help="dataset root holding test.json")
     ev.add_argument("--out", required=True)
     ev.add_argument("--blind", action="store_true", help="also ask every question without its image")

@@ -277,7 +277,7 @@ def run_evaluation(
 
 
 def evaluate(
-    checkpoint: str | Path,
+    checkpoint: str | Path | None,
     data_dir: str | Path,
     out_dir: str | Path,
     blind: bool = False,
@@ -287,11 +287,13 @@ def evaluate(
     resume: bool = False,
     tasks: Sequence[str] | None = None,
     image_as_text: str | Path | None = None,
+    hf_model: str | Path | None = None,
 ) -> dict:
     """Evaluate a checkpoint on ``data_dir/test.json``; writes results.json, samples.jsonl, report.html.
 
     With ``image_as_text`` (a captioner checkpoint) the checkpoint answers from that captioner's
-    descriptions of the images instead of the images (``infer.image_as_text``).
+    descriptions of the images instead of the images (``infer.image_as_text``). With ``hf_model``
+    (and no checkpoint) a Hugging Face LLaVA-format model answers (``infer.hf_llava``).
     """
     from vlmkit.data.bad_samples import BadSampleLog
     from vlmkit.data.formats.llava import read_llava
@@ -305,9 +307,17 @@ def evaluate(
     kwargs: dict[str, Any] = {"image_root": data_dir}
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens
-    predictor, model_info = load_predictor(checkpoint, **kwargs)
-    model = {"checkpoint": str(checkpoint)}
-    model.update(model_info or {})
+    if (checkpoint is None) == (hf_model is None):
+        raise ValueError("evaluate: give a vlmkit checkpoint or hf_model, not both or neither")
+    if hf_model is not None:
+        from vlmkit.infer.hf_llava import load_hf_llava_predictor
+
+        predictor, model_info = load_hf_llava_predictor(hf_model, **kwargs)
+        model = dict(model_info)
+    else:
+        predictor, model_info = load_predictor(checkpoint, **kwargs)
+        model = {"checkpoint": str(checkpoint)}
+        model.update(model_info or {})
     if image_as_text is not None:
         from vlmkit.infer.image_as_text import CAPTION_PROMPT, DESCRIBE_AS, ImageAsTextPredictor
 
