@@ -197,6 +197,10 @@ def test_evaluate_glue_with_a_fake_load_predictor(tmp_path, monkeypatch):
     assert calls == {"checkpoint": "ckpt", "image_root": data, "max_new_tokens": 7}
     assert res["model"] == {"checkpoint": "ckpt", "name": "fake"}
     assert res["data"]["sha256"] == file_sha256(data / "test.json") and res["data"]["n_rows"] == 2
+    assert res["data"]["size"] == (data / "test.json").stat().st_size
+    for task in res["tasks"].values():  # how every task's answers were asked for and generated
+        assert "{question}" in task["prompt_template"]
+        assert task["generation"]["batch_size"] == 32 and task["generation"]["greedy"] is True
     assert res["image_gain"] == {"shapes_vqa": {"color": 1.0}, "shapes_pope": {"exists": 1.0}}
     for name in ("results.json", "samples.jsonl", "report.html"):
         assert (tmp_path / "out" / name).exists()

@@ -86,6 +86,23 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
         yield items[i : i + size]
 
 
+# the shapes tasks ask each question exactly as the data writes it, through the model's chat template
+PROMPT_AS_WRITTEN = "{question} (as written in the data; rendered by the model's chat template)"
+
+
+def generation_settings(predictor, batch_size: int) -> dict:
+    """How the answers were generated, from the predictor's attributes (recorded per task)."""
+    temperature = float(getattr(predictor, "temperature", 0.0))
+    return {
+        "max_new_tokens": getattr(predictor, "max_new_tokens", None),
+        "temperature": temperature,
+        "top_p": float(getattr(predictor, "top_p", 1.0)),
+        "greedy": temperature == 0.0,
+        "batch_size": batch_size,
+        "predictor": type(predictor).__name__,
+    }
+
+
 def _summarise(task: TaskDef, rows: list[dict]) -> dict:
     return {
         "n": len(rows),
@@ -238,9 +255,12 @@ def run_evaluation(
             bar.close()
 
     results: dict[str, Any] = {"tasks": {}, "blind": {}, "image_gain": {}}
+    generation = generation_settings(predictor, batch_size)
     for n in names:
         rows = [done[(n, False, i)] for i in range(len(groups[n]))]
         results["tasks"][n] = _summarise(defs[n], rows)
+        results["tasks"][n]["prompt_template"] = PROMPT_AS_WRITTEN
+        results["tasks"][n]["generation"] = generation
         if blind:
             brows = [done[(n, True, i)] for i in range(len(groups[n]))]
             results["blind"][n] = _summarise(defs[n], brows)
@@ -328,6 +348,7 @@ def evaluate(
     data = {
         "path": str(test_path),
         "sha256": file_sha256(test_path),
+        "size": test_path.stat().st_size,
         "bad_rows": len(bad_log.bad),
         "bad_summary": bad_log.summary(),
     }
