@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hf-llava: LlavaForConditionalGeneration + LlavaProcessor (see docs/export.md)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     export.set_defaults(func=_cmd_export)
+
+    from vlmkit.eval.arena import add_arena_parser
+
+    add_arena_parser(sub)
     return p
 
 
