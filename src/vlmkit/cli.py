@@ -198,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_cmd_export)
 
     from vlmkit.eval.arena import add_arena_parser
+    from vlmkit.eval.score import add_score_parser
 
     add_arena_parser(sub)
+    add_score_parser(sub)
     return p
 
 
