@@ -58,9 +58,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if (args.checkpoint is None) == (args.hf_model is None):
         raise SystemExit("vlmkit eval: give a vlmkit CHECKPOINT or --hf-model PATH (one of them)")
+    if (args.data is None) == (args.benchmark is None):
+        raise SystemExit("vlmkit eval: give --data WORLD or --benchmark FILE (one of them)")
     results = evaluate(
         args.checkpoint,
         hf_model=args.hf_model,
+        benchmark=args.benchmark,
+        kind=args.kind,
         data_dir=args.data,
         out_dir=args.out,
         blind=args.blind,
@@ -155,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", nargs="?", default=None, help="a vlmkit checkpoint (or use --hf-model)")
     ev.add_argument("--hf-model", default=None, metavar="PATH",
                     help="evaluate a Hugging Face LLaVA-format model (directory or hub name) instead")
-    ev.add_argument("--data", required=True, help="dataset root holding test.json")
+    ev.add_argument("--data", default=None, help="dataset root holding test.json (the shapes world)")
+    ev.add_argument("--benchmark", default=None, metavar="FILE",
+                    help="a VLMEvalKit TSV (MCQ, yes/no or VQA) instead of --data")
+    ev.add_argument("--kind", choices=["mcq", "yesno", "vqa"], default=None,
+                    help="the benchmark's kind (default: detected from its columns)")
     ev.add_argument("--out", required=True)
     ev.add_argument("--blind", action="store_true", help="also ask every question without its image")
     ev.add_argument("--limit", type=int, default=None, help="at most N items per task")

@@ -298,7 +298,7 @@ def run_evaluation(
 
 def evaluate(
     checkpoint: str | Path | None,
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     out_dir: str | Path,
     blind: bool = False,
     limit: int | None = None,
@@ -308,22 +308,37 @@ def evaluate(
     tasks: Sequence[str] | None = None,
     image_as_text: str | Path | None = None,
     hf_model: str | Path | None = None,
+    benchmark: str | Path | None = None,
+    kind: str | None = None,
 ) -> dict:
     """Evaluate a checkpoint on ``data_dir/test.json``; writes results.json, samples.jsonl, report.html.
 
     With ``image_as_text`` (a captioner checkpoint) the checkpoint answers from that captioner's
     descriptions of the images instead of the images (``infer.image_as_text``). With ``hf_model``
-    (and no checkpoint) a Hugging Face LLaVA-format model answers (``infer.hf_llava``).
+    (and no checkpoint) a Hugging Face LLaVA-format model answers (``infer.hf_llava``). With
+    ``benchmark`` (a VLMEvalKit TSV) the questions come from that file instead of
+    ``data_dir/test.json``, scored by the ``benchmark_<kind>`` task (`eval.benchmark_tasks`).
     """
     from vlmkit.data.bad_samples import BadSampleLog
     from vlmkit.data.formats.llava import read_llava
     from vlmkit.eval.report import write_report
     from vlmkit.infer.predictor import load_predictor
 
-    data_dir = Path(data_dir)
-    test_path = data_dir / "test.json"
     bad_log = BadSampleLog()
-    samples = read_llava(test_path, root=data_dir, bad_log=bad_log)
+    if benchmark is not None:
+        from vlmkit.eval.benchmark_tasks import mark_benchmark
+        from vlmkit.eval.formats.vlmevalkit import read_vlmevalkit
+
+        test_path = Path(benchmark)
+        samples = mark_benchmark(read_vlmevalkit(test_path, kind=kind, bad_log=bad_log))
+        tasks = sorted({f"benchmark_{s.meta['task']}" for s in samples})
+        data_dir = Path(data_dir) if data_dir is not None else test_path.parent  # images are inline
+    else:
+        if data_dir is None:
+            raise ValueError("evaluate: give data_dir (a world with test.json) or a benchmark file")
+        data_dir = Path(data_dir)
+        test_path = data_dir / "test.json"
+        samples = read_llava(test_path, root=data_dir, bad_log=bad_log)
     kwargs: dict[str, Any] = {"image_root": data_dir}
     if max_new_tokens is not None:
         kwargs["max_new_tokens"] = max_new_tokens

@@ -256,7 +256,10 @@ TASKS: dict[str, TaskDef] = {
 
 
 def get_task(name: str) -> TaskDef:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)}") from None
+    """A shapes task, or a benchmark-file task (`eval.benchmark_tasks`)."""
+    from vlmkit.eval.benchmark_tasks import BENCHMARK_TASKS
+
+    found = TASKS.get(name) or BENCHMARK_TASKS.get(name)
+    if found is None:
+        raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS) + sorted(BENCHMARK_TASKS)}")
+    return found

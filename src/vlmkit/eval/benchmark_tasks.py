@@ -1,0 +1,121 @@
+"""Tasks for benchmark files read by `eval.formats` (``vlmkit eval --benchmark FILE``).
+
+Samples from a benchmark file carry ``meta["benchmark"]`` (set by `mark_benchmark`), so these
+tasks never take the shapes world's rows and the shapes tasks never take theirs. One task per
+kind of a VLMEvalKit TSV (``meta["task"]``):
+
+  benchmark_mcq    option letter by `metrics.mcq.extract_option` (a letter near the end, then
+                   "answer is X", then a unique option text; never a random fallback).
+                   Metrics: ``accuracy``, ``by_category``, ``by_l2_category`` (MMBench fields),
+                   ``by_letter``. Single pass: CircularEval needs every rotation of a question
+                   (`metrics.mcq.circular_scores` scores those).
+  benchmark_yesno  yes/no; the POPE metrics over all items (`metrics.yesno`) and
+                   ``by_category`` accuracy (MME-style files).
+  benchmark_vqa    the whole answer, VQA accuracy (`metrics.vqa`: official normalisation;
+                   leave-one-out over ``meta["answers"]`` when the file gives several, else a
+                   match of the single answer after that normalisation), ``by_category``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+from vlmkit.data.sample import Sample
+from vlmkit.eval.extract import Extraction, extract
+from vlmkit.eval.metrics.exact import accuracy_by_type, exact_match
+from vlmkit.eval.metrics.mcq import extract_option
+from vlmkit.eval.metrics.vqa import normalize_vqa_answer, vqa_accuracy
+from vlmkit.eval.metrics.yesno import yesno_metrics
+from vlmkit.eval.tasks import ItemRecord, TaskDef, options_of, target_of
+
+
+def mark_benchmark(samples: list[Sample]) -> list[Sample]:
+    return [dataclasses.replace(s, meta={**s.meta, "benchmark": True}) for s in samples]
+
+
+def _kind_is(kind: str):
+    return lambda s: bool(s.meta.get("benchmark")) and s.meta.get("task") == kind
+
+
+def _categories(sample: Sample) -> dict:
+    return {"category": str(sample.meta.get("category") or "none"),
+            "l2_category": str(sample.meta.get("l2-category") or "none")}  # fmt: skip
+
+
+def _by(rows: list[ItemRecord], key: str) -> dict:
+    return accuracy_by_type((r["extra"].get(key, "none"), r["score"]) for r in rows)["by_type"]
+
+
+# ------------------------------------------------------------------ multiple choice
+
+
+def _extract_option(sample: Sample, prediction: str, ctx: dict) -> Extraction:
+    letter, method = extract_option(prediction, options_of(sample))
+    return Extraction(letter, method)
+
+
+def _score_option(sample: Sample, ex: Extraction) -> dict:
+    target = (target_of(sample) or "").strip().upper()
+    return {"score": float(ex.answer is not None and ex.answer.upper() == target), "extra": _categories(sample)}
+
+
+def _agg_mcq(rows: list[ItemRecord]) -> dict:
+    by_letter = accuracy_by_type(((r["target"] or "").strip().upper(), r["score"]) for r in rows)["by_type"]
+    return {"accuracy": sum(r["score"] for r in rows) / len(rows) if rows else 0.0,
+            "by_category": _by(rows, "category"), "by_l2_category": _by(rows, "l2_category"),
+            "by_letter": by_letter}  # fmt: skip
+
+
+# ------------------------------------------------------------------ yes/no
+
+
+def _extract_yesno(sample: Sample, prediction: str, ctx: dict) -> Extraction:
+    return extract(prediction, "yesno", kind="yesno")
+
+
+def _score_yesno(sample: Sample, ex: Extraction) -> dict:
+    return {"score": float(exact_match(ex.answer, target_of(sample))), "extra": _categories(sample)}
+
+
+def _agg_yesno(rows: list[ItemRecord]) -> dict:
+    metrics = yesno_metrics([r["extracted"] for r in rows], [(r["target"] or "").lower() for r in rows])
+    return {**metrics, "by_category": _by(rows, "category")}
+
+
+# ------------------------------------------------------------------ open answers
+
+
+def _extract_whole(sample: Sample, prediction: str, ctx: dict) -> Extraction:
+    text = prediction.strip()
+    return Extraction(text if text else None, "whole_answer" if text else "failed")
+
+
+def _score_vqa(sample: Sample, ex: Extraction) -> dict:
+    answers = sample.meta.get("answers")
+    if isinstance(answers, list) and len(answers) > 1:
+        score = vqa_accuracy(ex.answer, [str(a) for a in answers])
+    else:
+        target = target_of(sample)
+        score = float(ex.answer is not None and target is not None
+                      and normalize_vqa_answer(ex.answer) == normalize_vqa_answer(target))  # fmt: skip
+    return {"score": score, "extra": _categories(sample)}
+
+
+def _agg_vqa(rows: list[ItemRecord]) -> dict:
+    return {"accuracy": sum(r["score"] for r in rows) / len(rows) if rows else 0.0,
+            "by_category": _by(rows, "category"),
+            "n_by_category": dict(sorted(Counter(r["extra"].get("category", "none") for r in rows).items()))}  # fmt: skip
+
+
+BENCHMARK_TASKS: dict[str, TaskDef] = {
+    t.name: t
+    for t in (
+        TaskDef("benchmark_mcq", "a benchmark's multiple-choice questions (option letter)", _kind_is("mcq"),
+                _extract_option, _score_option, _agg_mcq),
+        TaskDef("benchmark_yesno", "a benchmark's yes/no questions", _kind_is("yesno"), _extract_yesno,
+                _score_yesno, _agg_yesno),
+        TaskDef("benchmark_vqa", "a benchmark's open questions (VQA accuracy)", _kind_is("vqa"), _extract_whole,
+                _score_vqa, _agg_vqa),
+    )
+}  # fmt: skip
