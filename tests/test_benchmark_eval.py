@@ -69,3 +69,32 @@ def test_vlmkit_eval_benchmark_with_a_checkpoint(mmbench_like, tmp_path):
     assert list(res["tasks"]) == ["benchmark_mcq"] and res["tasks"]["benchmark_mcq"]["n"] == 4
     assert res["data"]["path"] == str(mmbench_like) and res["data"]["size"] == mmbench_like.stat().st_size
     assert sum(res["tasks"]["benchmark_mcq"]["extraction"].values()) == 4  # every answer accounted for
+
+
+def test_vlmkit_eval_on_a_pope_question_file(tmp_path):
+    """A POPE question file (COCO-style names) with its image folder: per-split POPE metrics."""
+    from PIL import Image
+
+    from vlmkit.cli import main
+    from vlmkit.data.tokenizer import DEFAULT_CHAT_TEMPLATE
+    from vlmkit.models.checkpoint_io import save_checkpoint
+
+    images = tmp_path / "val2014"
+    images.mkdir()
+    lines = []
+    for k, label in enumerate(["yes", "no", "yes", "no"]):
+        Image.new("RGB", (48, 40), (40 * k, 90, 200)).save(images / f"COCO_{k}.jpg")
+        lines.append(json.dumps({"question_id": k + 1, "image": f"COCO_{k}.jpg",
+                                 "text": "Is there a dog in the image?", "label": label}))  # fmt: skip
+    questions = tmp_path / "coco_pope_adversarial.json"
+    questions.write_text("\n".join(lines) + "\n")
+    model, tok = make_model()
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    ckpt = save_checkpoint(model, tok, tmp_path / "ckpt")
+    assert main(["eval", str(ckpt), "--benchmark", str(questions), "--data", str(images), "--out", str(tmp_path / "e")]) == 0
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    metrics = res["tasks"]["pope"]["metrics"]
+    assert metrics["adversarial"]["n"] == 4 and metrics["all"]["n"] == 4
+    # the labels are balanced, and yes_ratio counts the model's answers (not the labels)
+    yes = metrics["all"]["tp"] + metrics["all"]["fp"]
+    assert metrics["all"]["yes_ratio"] == yes / 4

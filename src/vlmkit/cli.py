@@ -58,8 +58,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if (args.checkpoint is None) == (args.hf_model is None):
         raise SystemExit("vlmkit eval: give a vlmkit CHECKPOINT or --hf-model PATH (one of them)")
-    if (args.data is None) == (args.benchmark is None):
-        raise SystemExit("vlmkit eval: give --data WORLD or --benchmark FILE (one of them)")
+    if args.data is None and args.benchmark is None:
+        raise SystemExit("vlmkit eval: give --data WORLD, or --benchmark FILE (with --data IMAGES for POPE files)")
     results = evaluate(
         args.checkpoint,
         hf_model=args.hf_model,
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate a Hugging Face LLaVA-format model (directory or hub name) instead")
     ev.add_argument("--data", default=None, help="dataset root holding test.json (the shapes world)")
     ev.add_argument("--benchmark", default=None, metavar="FILE",
-                    help="a VLMEvalKit TSV (MCQ, yes/no or VQA) instead of --data")
+                    help="a VLMEvalKit TSV (MCQ, yes/no or VQA), or a POPE question file with --data IMAGES")
     ev.add_argument("--kind", choices=["mcq", "yesno", "vqa"], default=None,
                     help="the benchmark's kind (default: detected from its columns)")
     ev.add_argument("--out", required=True)

@@ -14,6 +14,9 @@ kind of a VLMEvalKit TSV (``meta["task"]``):
   benchmark_vqa    the whole answer, VQA accuracy (`metrics.vqa`: official normalisation;
                    leave-one-out over ``meta["answers"]`` when the file gives several, else a
                    match of the single answer after that normalisation), ``by_category``.
+  pope             POPE's own question files (`formats.pope`): the shapes POPE task's
+                   extraction and metrics (accuracy, precision, recall, F1 and yes-ratio from
+                   the predictions, per split).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from vlmkit.eval.metrics.exact import accuracy_by_type, exact_match
 from vlmkit.eval.metrics.mcq import extract_option
 from vlmkit.eval.metrics.vqa import normalize_vqa_answer, vqa_accuracy
 from vlmkit.eval.metrics.yesno import yesno_metrics
-from vlmkit.eval.tasks import ItemRecord, TaskDef, options_of, target_of
+from vlmkit.eval.tasks import TASKS, ItemRecord, TaskDef, options_of, target_of
 
 
 def mark_benchmark(samples: list[Sample]) -> list[Sample]:
@@ -117,5 +120,7 @@ BENCHMARK_TASKS: dict[str, TaskDef] = {
                 _score_yesno, _agg_yesno),
         TaskDef("benchmark_vqa", "a benchmark's open questions (VQA accuracy)", _kind_is("vqa"), _extract_whole,
                 _score_vqa, _agg_vqa),
+        dataclasses.replace(TASKS["shapes_pope"], name="pope", description="POPE question files, per split",
+                            accepts=_kind_is("pope")),
     )
 }  # fmt: skip

@@ -330,9 +330,17 @@ def evaluate(
         from vlmkit.eval.formats.vlmevalkit import read_vlmevalkit
 
         test_path = Path(benchmark)
-        samples = mark_benchmark(read_vlmevalkit(test_path, kind=kind, bad_log=bad_log))
-        tasks = sorted({f"benchmark_{s.meta['task']}" for s in samples})
-        data_dir = Path(data_dir) if data_dir is not None else test_path.parent  # images are inline
+        if test_path.suffix.lower() in (".json", ".jsonl"):  # POPE's question files; images under data_dir
+            from vlmkit.eval.formats.pope import read_pope
+
+            if data_dir is None:
+                raise ValueError(f"{test_path}: a POPE question file needs the image folder (--data)")
+            samples = mark_benchmark(read_pope(test_path, bad_log=bad_log))
+            tasks = ["pope"]
+        else:
+            samples = mark_benchmark(read_vlmevalkit(test_path, kind=kind, bad_log=bad_log))
+            tasks = sorted({f"benchmark_{s.meta['task']}" for s in samples})
+        data_dir = Path(data_dir) if data_dir is not None else test_path.parent  # TSV images are inline
     else:
         if data_dir is None:
             raise ValueError("evaluate: give data_dir (a world with test.json) or a benchmark file")
