@@ -98,3 +98,36 @@ def test_vlmkit_eval_on_a_pope_question_file(tmp_path):
     # the labels are balanced, and yes_ratio counts the model's answers (not the labels)
     yes = metrics["all"]["tp"] + metrics["all"]["fp"]
     assert metrics["all"]["yes_ratio"] == yes / 4
+
+
+def test_circular_eval_counts_a_question_only_if_every_rotation_is_right(mmbench_like, tmp_path):
+    from vlmkit.eval.benchmark_tasks import circular_expand
+
+    samples = circular_expand(mark_benchmark(read_vlmevalkit(mmbench_like)))
+    assert len(samples) == 3 + 2 + 4 + 2  # one question per rotation of its options
+    rotated = [s for s in samples if s.meta["circular"]["question_id"] == "3"]
+    # question 3: options one/two/three/four, answer D ("four"); rotation 1 shifts the texts by one
+    assert rotated[1].meta["options"] == {"A": "two", "B": "three", "C": "four", "D": "one"}
+    assert rotated[1].meta["answer"] == "C" and "C. four" in rotated[1].turns[-1].text
+
+    def predictor(batch):
+        out = []
+        for s in batch:
+            qid, rot = s.meta["circular"]["question_id"], s.meta["circular"]["rotation"]
+            right = s.meta["answer"]
+            # question 1 always right; question 3 wrong ("B", the answer is A there) in its last
+            # rotation; the others always "A"
+            if qid == "1" or (qid == "3" and rot < 3):
+                out.append(right)
+            elif qid == "3":
+                out.append("B")
+            else:
+                out.append("A")
+        return out
+
+    res = run_evaluation(predictor, samples, tmp_path / "out", tasks=["benchmark_mcq_circular"])
+    m = res["tasks"]["benchmark_mcq_circular"]["metrics"]
+    # circular: only q1 (q2: "A" is right in rotation 1 only; q3 fails rotation 3; q4: "A" right once)
+    assert m["n_questions"] == 4 and m["circular_accuracy"] == 0.25
+    # single pass (rotation 0): q1 right, q2 wrong (answer B), q3 right, q4 right (answer A)
+    assert m["single_pass_accuracy"] == 0.75

@@ -65,6 +65,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         hf_model=args.hf_model,
         benchmark=args.benchmark,
         kind=args.kind,
+        circular=args.circular,
         data_dir=args.data,
         out_dir=args.out,
         blind=args.blind,
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a VLMEvalKit TSV (MCQ, yes/no or VQA), or a POPE question file with --data IMAGES")
     ev.add_argument("--kind", choices=["mcq", "yesno", "vqa"], default=None,
                     help="the benchmark's kind (default: detected from its columns)")
+    ev.add_argument("--circular", action="store_true",
+                    help="CircularEval: ask each multiple-choice question in every rotation of its options")
     ev.add_argument("--out", required=True)
     ev.add_argument("--blind", action="store_true", help="also ask every question without its image")
     ev.add_argument("--limit", type=int, default=None, help="at most N items per task")

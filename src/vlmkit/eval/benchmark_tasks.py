@@ -14,6 +14,11 @@ kind of a VLMEvalKit TSV (``meta["task"]``):
   benchmark_vqa    the whole answer, VQA accuracy (`metrics.vqa`: official normalisation;
                    leave-one-out over ``meta["answers"]`` when the file gives several, else a
                    match of the single answer after that normalisation), ``by_category``.
+  benchmark_mcq_circular
+                   MMBench's CircularEval (`circular_expand` makes a k-option question k
+                   questions, its options rotated): a question counts only if every rotation
+                   is answered right; single-pass accuracy (rotation 0) beside it, both per
+                   category and l2-category (`metrics.mcq.circular_scores`).
   pope             POPE's own question files (`formats.pope`): the shapes POPE task's
                    extraction and metrics (accuracy, precision, recall, F1 and yes-ratio from
                    the predictions, per split).
@@ -35,6 +40,28 @@ from vlmkit.eval.tasks import TASKS, ItemRecord, TaskDef, options_of, target_of
 
 def mark_benchmark(samples: list[Sample]) -> list[Sample]:
     return [dataclasses.replace(s, meta={**s.meta, "benchmark": True}) for s in samples]
+
+
+def circular_expand(samples: list[Sample]) -> list[Sample]:
+    """Each multiple-choice sample as its k rotations (``meta["circular"]``: question id and
+    rotation; the prompt rebuilt with the rotated options and the answer letter remapped)."""
+    from vlmkit.data.sample import Part, Turn
+    from vlmkit.eval.formats.vlmevalkit import build_prompt
+    from vlmkit.eval.metrics.mcq import circular_variants
+
+    out = []
+    for s in samples:
+        if s.meta.get("task") != "mcq":
+            out.append(s)
+            continue
+        image_parts = [p for p in s.turns[-1].parts if p.is_image]
+        for rotation, (vid, options, letter_of) in enumerate(circular_variants(str(s.id), s.meta["options"])):
+            prompt = build_prompt("mcq", s.meta["question"], s.meta.get("hint"), options)
+            answer = letter_of[s.meta["answer"]] if s.meta.get("answer") else None
+            meta = {**s.meta, "options": options, "answer": answer,
+                    "circular": {"question_id": str(s.id), "rotation": rotation}}  # fmt: skip
+            out.append(Sample(vid, [Turn("user", [*image_parts, Part(text="\n" + prompt)])], s.images, meta))
+    return out
 
 
 def _kind_is(kind: str):
@@ -61,6 +88,22 @@ def _extract_option(sample: Sample, prediction: str, ctx: dict) -> Extraction:
 def _score_option(sample: Sample, ex: Extraction) -> dict:
     target = (target_of(sample) or "").strip().upper()
     return {"score": float(ex.answer is not None and ex.answer.upper() == target), "extra": _categories(sample)}
+
+
+def _score_rotation(sample: Sample, ex: Extraction) -> dict:
+    scored = _score_option(sample, ex)
+    scored["extra"].update(sample.meta["circular"])
+    return scored
+
+
+def _agg_circular(rows: list[ItemRecord]) -> dict:
+    from vlmkit.eval.metrics.mcq import circular_scores
+
+    records = [{"question_id": r["extra"]["question_id"], "rotation": r["extra"]["rotation"],
+                "prediction": r["extracted"], "answer": r["target"], "method": r["method"],
+                "category": r["extra"]["category"], "l2-category": r["extra"]["l2_category"]} for r in rows]  # fmt: skip
+    scores = circular_scores(records)
+    return {"accuracy": scores["circular_accuracy"], **scores}
 
 
 def _agg_mcq(rows: list[ItemRecord]) -> dict:
@@ -114,8 +157,11 @@ def _agg_vqa(rows: list[ItemRecord]) -> dict:
 BENCHMARK_TASKS: dict[str, TaskDef] = {
     t.name: t
     for t in (
-        TaskDef("benchmark_mcq", "a benchmark's multiple-choice questions (option letter)", _kind_is("mcq"),
-                _extract_option, _score_option, _agg_mcq),
+        TaskDef("benchmark_mcq", "a benchmark's multiple-choice questions (option letter)",
+                lambda s: _kind_is("mcq")(s) and "circular" not in s.meta, _extract_option, _score_option, _agg_mcq),
+        TaskDef("benchmark_mcq_circular", "multiple choice under CircularEval (every rotation right)",
+                lambda s: _kind_is("mcq")(s) and "circular" in s.meta, _extract_option, _score_rotation,
+                _agg_circular),
         TaskDef("benchmark_yesno", "a benchmark's yes/no questions", _kind_is("yesno"), _extract_yesno,
                 _score_yesno, _agg_yesno),
         TaskDef("benchmark_vqa", "a benchmark's open questions (VQA accuracy)", _kind_is("vqa"), _extract_whole,

@@ -310,6 +310,7 @@ def evaluate(
     hf_model: str | Path | None = None,
     benchmark: str | Path | None = None,
     kind: str | None = None,
+    circular: bool = False,
 ) -> dict:
     """Evaluate a checkpoint on ``data_dir/test.json``; writes results.json, samples.jsonl, report.html.
 
@@ -317,7 +318,8 @@ def evaluate(
     descriptions of the images instead of the images (``infer.image_as_text``). With ``hf_model``
     (and no checkpoint) a Hugging Face LLaVA-format model answers (``infer.hf_llava``). With
     ``benchmark`` (a VLMEvalKit TSV) the questions come from that file instead of
-    ``data_dir/test.json``, scored by the ``benchmark_<kind>`` task (`eval.benchmark_tasks`).
+    ``data_dir/test.json``, scored by the ``benchmark_<kind>`` task (`eval.benchmark_tasks`);
+    ``circular`` asks every multiple-choice question in all its rotations (CircularEval).
     """
     from vlmkit.data.bad_samples import BadSampleLog
     from vlmkit.data.formats.llava import read_llava
@@ -339,7 +341,12 @@ def evaluate(
             tasks = ["pope"]
         else:
             samples = mark_benchmark(read_vlmevalkit(test_path, kind=kind, bad_log=bad_log))
-            tasks = sorted({f"benchmark_{s.meta['task']}" for s in samples})
+            if circular:
+                from vlmkit.eval.benchmark_tasks import circular_expand
+
+                samples = circular_expand(samples)
+            tasks = sorted({f"benchmark_{s.meta['task']}" + ("_circular" if "circular" in s.meta else "")
+                            for s in samples})  # fmt: skip
         data_dir = Path(data_dir) if data_dir is not None else test_path.parent  # TSV images are inline
     else:
         if data_dir is None:

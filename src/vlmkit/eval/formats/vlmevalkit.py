@@ -270,6 +270,7 @@ def _parse_row(row: dict[str, str], kind: str, opt_cols: list[str], images: list
         "answer": answer,
         "options": options,
         "hint": hint,
+        "question": question,
         "category": _cell(row, "category"),
         "l2-category": _cell(row, "l2-category"),
         "split": _cell(row, "split"),
