@@ -204,3 +204,26 @@ def test_evaluate_glue_with_a_fake_load_predictor(tmp_path, monkeypatch):
     assert res["image_gain"] == {"shapes_vqa": {"color": 1.0}, "shapes_pope": {"exists": 1.0}}
     for name in ("results.json", "samples.jsonl", "report.html"):
         assert (tmp_path / "out" / name).exists()
+
+
+def test_shapes_chair_counts_hallucinated_objects_against_the_scene(tmp_path):
+    from vlmkit.data.sample import ImageRef, Part, Sample, Turn
+    from vlmkit.eval.runner import run_evaluation
+
+    scene = {"objects": [{"shape": "circle", "color": "red", "size": "large"},
+                         {"shape": "square", "color": "blue", "size": "small"}]}  # fmt: skip
+
+    def caption_row(sid: str) -> Sample:
+        turns = [Turn("user", [Part(image=0), Part(text="Describe the image.")]), Turn.of_text("assistant", "x")]
+        return Sample(sid, turns, [ImageRef(path="a.png")], {"task": "caption", "question_type": "caption_short",
+                                                              "scene": scene})  # fmt: skip
+
+    answers = {"c1": "a red circle and a green triangle.", "c2": "a blue square.", "c3": "a blue circle."}
+    res = run_evaluation(lambda batch: [answers[s.id] for s in batch], [caption_row(k) for k in answers],
+                         tmp_path / "out", tasks=["shapes_chair"])  # fmt: skip
+    m = res["tasks"]["shapes_chair"]["metrics"]
+    # objects: c1 circle, triangle (triangle absent); c2 square; c3 circle -> 1 of 4 mentions, 1 of 3 captions
+    assert m["chair_i"] == 0.25 and m["chair_s"] == 1 / 3
+    # colour-shape pairs: red circle ok, green triangle no, blue square ok, blue circle no -> 2 of 4, 2 of 3
+    assert m["attribute_chair_i"] == 0.5 and m["attribute_chair_s"] == 2 / 3
+    assert m["mentions_per_caption"] == 4 / 3

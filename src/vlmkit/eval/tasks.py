@@ -20,6 +20,11 @@ Tasks (rows of ``test.json`` are chosen by ``meta["task"]``):
   shapes_mcq        task=mcq; answer is a letter A-D. Metrics: ``accuracy``, ``by_letter``
                     {target letter: accuracy}, ``pred_letter_ratio`` {letter: share of predictions,
                     ``none`` for failed extractions}, ``by_type``, ``n_by_type``.
+  shapes_chair      task=caption with a scene graph; hallucination in free descriptions, against the scene graph
+                    (`metrics.chair`, Rohrbach et al. 2018): ``chair_i`` (hallucinated object
+                    mentions / mentions), ``chair_s`` (captions with one / captions), the same
+                    for colour-shape pairs (``attribute_chair_*``), ``mentions_per_caption``
+                    (a model that names nothing hallucinates nothing: read them together).
 
 The target of an item is ``meta["answer"]``, or the text of the last assistant turn when there
 is no ``answer`` in the meta.
@@ -211,6 +216,44 @@ def _agg_mcq(rows: list[ItemRecord]) -> dict:
     }
 
 
+# ------------------------------------------------------------------ captions: CHAIR
+
+
+def _extract_caption(sample: Sample, prediction: str, ctx: dict) -> Extraction:
+    text = prediction.strip()
+    return Extraction(text if text else None, "whole_answer" if text else "failed")
+
+
+def _score_caption(sample: Sample, ex: Extraction) -> dict:
+    """Per caption, the object and colour-shape mentions and how many the scene lacks; the
+    score is 1 for a caption with no hallucinated object (so accuracy = 1 - CHAIRs)."""
+    from vlmkit.eval.metrics.chair import chair_scores, scene_truth, shapes_attribute_chair, shapes_vocabulary
+
+    caption, scene = ex.answer or "", sample.meta["scene"]
+    objects = chair_scores({0: caption}, {0: scene_truth(scene)}, shapes_vocabulary())
+    attributes = shapes_attribute_chair({0: caption}, {0: scene})
+    extra = {"mentions": objects["n_mentions"], "hallucinated": objects["n_hallucinated"],
+             "attribute_mentions": attributes["n_mentions"], "attribute_hallucinated": attributes["n_hallucinated"],
+             "hallucinated_objects": objects["details"][0]["hallucinated"]}  # fmt: skip
+    return {"score": float(objects["n_hallucinated"] == 0), "extra": extra}
+
+
+def _agg_caption(rows: list[ItemRecord]) -> dict:
+    def ratio(num: float, den: float) -> float:
+        return num / den if den else 0.0
+
+    mentions = sum(r["extra"]["mentions"] for r in rows)
+    attr = sum(r["extra"]["attribute_mentions"] for r in rows)
+    return {
+        "chair_i": ratio(sum(r["extra"]["hallucinated"] for r in rows), mentions),
+        "chair_s": ratio(sum(1 for r in rows if r["extra"]["hallucinated"]), len(rows)),
+        "attribute_chair_i": ratio(sum(r["extra"]["attribute_hallucinated"] for r in rows), attr),
+        "attribute_chair_s": ratio(sum(1 for r in rows if r["extra"]["attribute_hallucinated"]), len(rows)),
+        "mentions_per_caption": ratio(mentions, len(rows)),
+        "n": len(rows),
+    }
+
+
 # ------------------------------------------------------------------ registry
 
 TASKS: dict[str, TaskDef] = {
@@ -250,6 +293,15 @@ TASKS: dict[str, TaskDef] = {
             _extract_letter,
             _score_mcq,
             _agg_mcq,
+        ),
+        TaskDef(
+            "shapes_chair",
+            "captions checked against the scene graph: CHAIR for objects and colour-shape pairs",
+            lambda s: s.meta.get("task") == "caption" and bool(s.meta.get("scene")),  # the truth is the scene
+            _extract_caption,
+            _score_caption,
+            _agg_caption,
+            primary="chair_i",
         ),
     )
 }
