@@ -15,6 +15,7 @@ from pycocoevalcap.rouge.rouge import Rouge  # noqa: E402
 from vlmkit.eval.metrics import captioning  # noqa: E402
 from vlmkit.eval.metrics.captioning import caption_scores, python_tokenize  # noqa: E402
 from vlmkit.eval.metrics.chair import (  # noqa: E402
+    COCO_SYNONYMS_FILE,
     Vocabulary,
     chair_scores,
     coco_vocabulary,
@@ -25,7 +26,7 @@ from vlmkit.eval.metrics.chair import (  # noqa: E402
 )
 
 HAS_JAVA = shutil.which("java") is not None
-COCO_SYNONYMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_synonyms.txt"
+COCO_SYNONYMS = COCO_SYNONYMS_FILE  # the project's shared/data/coco_synonyms.txt, shipped with vlmkit
 
 # ================================================================== caption scores
 
@@ -222,7 +223,6 @@ def test_load_synonyms_format(tmp_path):
     }
 
 
-@pytest.mark.skipif(not COCO_SYNONYMS.exists(), reason="shared/data/coco_synonyms.txt not present")
 def test_coco_vocabulary_hand_computed():
     v = coco_vocabulary(COCO_SYNONYMS)
     assert len(v.classes) == 80 and "hot dog" in v.classes and "traffic light" in v.classes

@@ -21,7 +21,7 @@ Vocabularies:
 
 * COCO: `coco_vocabulary` / `load_synonyms` read a synonym file with one class per line, the
   class name first, then its synonyms, comma separated (the 80-class file used by CHAIR; in this
-  project ``shared/data/coco_synonyms.txt``). Differences from the original CHAIR script: plurals
+  project's ``shared/data/coco_synonyms.txt``, shipped as ``vlmkit/eval/data/coco_synonyms.txt``). Differences from the original CHAIR script: plurals
   come from explicit rules instead of a WordNet lemmatiser, and the original's special phrases
   (e.g. "baby" before an animal name, "toilet seat") are not handled.
 * The shapes world: `shapes_vocabulary` (the classes are `SHAPES`, plurals from `PLURALS`) and
@@ -142,8 +142,13 @@ def load_synonyms(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-def coco_vocabulary(path: str | Path) -> Vocabulary:
-    """The COCO CHAIR vocabulary from a synonym file (see `load_synonyms`)."""
+# the 80 COCO classes and their synonyms, one class per line (shipped with vlmkit)
+COCO_SYNONYMS_FILE = Path(__file__).resolve().parent.parent / "data" / "coco_synonyms.txt"
+
+
+def coco_vocabulary(path: str | Path = COCO_SYNONYMS_FILE) -> Vocabulary:
+    """The COCO CHAIR vocabulary from a synonym file (see `load_synonyms`); by default the
+    80-class list shipped with vlmkit."""
     return Vocabulary({c: tuple(s) for c, s in load_synonyms(path).items()})
 
 
