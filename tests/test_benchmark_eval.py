@@ -131,3 +131,22 @@ def test_circular_eval_counts_a_question_only_if_every_rotation_is_right(mmbench
     assert m["n_questions"] == 4 and m["circular_accuracy"] == 0.25
     # single pass (rotation 0): q1 right, q2 wrong (answer B), q3 right, q4 right (answer A)
     assert m["single_pass_accuracy"] == 0.75
+
+
+def test_an_mme_file_gets_acc_plus_and_the_perception_total(tmp_path):
+    """MME-style yes/no rows (two questions per image, category = subtask): acc counts
+    questions, acc+ counts images with both right; score = (acc + acc+) x 100."""
+    red, blue = b64(png((30, 30), (200, 0, 0))), b64(png((30, 30), (0, 0, 200)))
+    header = ["index", "image", "question", "answer", "category", "image_path"]
+    rows = [["1", red, "Is there a red square?", "Yes", "existence", "e/1.png"],
+            ["2", "1", "Is there a blue square?", "No", "existence", "e/1.png"],
+            ["3", blue, "Is there a blue square?", "Yes", "existence", "e/2.png"],
+            ["4", "3", "Is there a red square?", "No", "existence", "e/2.png"]]  # fmt: skip
+    samples = mark_benchmark(read_vlmevalkit(write_tsv(tmp_path / "MME.tsv", header, rows)))
+    answers = {1: "Yes", 2: "No", 3: "Yes", 4: "Yes"}  # image 1 both right, image 2 one right
+    res = run_evaluation(lambda b: [answers[s.meta["index"]] for s in b], samples, tmp_path / "o",
+                         tasks=["benchmark_yesno"])  # fmt: skip
+    mme = res["tasks"]["benchmark_yesno"]["metrics"]["mme"]
+    existence = mme["subtasks"]["existence"]
+    assert existence["acc"] == 0.75 and existence["acc_plus"] == 0.5
+    assert existence["score"] == pytest.approx(125.0) and mme["perception"] == pytest.approx(125.0)

@@ -10,7 +10,9 @@ kind of a VLMEvalKit TSV (``meta["task"]``):
                    ``by_letter``. Single pass: CircularEval needs every rotation of a question
                    (`metrics.mcq.circular_scores` scores those).
   benchmark_yesno  yes/no; the POPE metrics over all items (`metrics.yesno`) and
-                   ``by_category`` accuracy (MME-style files).
+                   ``by_category`` accuracy; when every category is an MME subtask, also
+                   ``mme`` (`metrics.mme`: acc, acc+ per image, Perception and Cognition totals;
+                   an image is its ``image_path``, else its bytes).
   benchmark_vqa    the whole answer, VQA accuracy (`metrics.vqa`: official normalisation;
                    leave-one-out over ``meta["answers"]`` when the file gives several, else a
                    match of the single answer after that normalisation), ``by_category``.
@@ -27,6 +29,7 @@ kind of a VLMEvalKit TSV (``meta["task"]``):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import Counter
 
 from vlmkit.data.sample import Sample
@@ -120,13 +123,29 @@ def _extract_yesno(sample: Sample, prediction: str, ctx: dict) -> Extraction:
     return extract(prediction, "yesno", kind="yesno")
 
 
+def _image_key(sample: Sample) -> str:
+    path = sample.meta.get("image_path")
+    if path:
+        return str(path)
+    ref = sample.images[0] if sample.images else None
+    data = ref.data if ref is not None and ref.data is not None else repr(ref).encode()
+    return hashlib.sha1(data).hexdigest()
+
+
 def _score_yesno(sample: Sample, ex: Extraction) -> dict:
-    return {"score": float(exact_match(ex.answer, target_of(sample))), "extra": _categories(sample)}
+    extra = {**_categories(sample), "image": _image_key(sample)}
+    return {"score": float(exact_match(ex.answer, target_of(sample))), "extra": extra}
 
 
 def _agg_yesno(rows: list[ItemRecord]) -> dict:
+    from vlmkit.eval.metrics.mme import SUBTASKS, mme_scores
+
     metrics = yesno_metrics([r["extracted"] for r in rows], [(r["target"] or "").lower() for r in rows])
-    return {**metrics, "by_category": _by(rows, "category")}
+    out = {**metrics, "by_category": _by(rows, "category")}
+    if rows and all(r["extra"]["category"] in SUBTASKS for r in rows):  # an MME file
+        records = [(r["extra"]["category"], r["extra"]["image"], r["prediction"], r["target"]) for r in rows]
+        out["mme"] = mme_scores(records, questions_per_image=None)
+    return out
 
 
 # ------------------------------------------------------------------ open answers
