@@ -60,6 +60,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit("vlmkit eval: give a vlmkit CHECKPOINT or --hf-model PATH (one of them)")
     if args.data is None and args.benchmark is None:
         raise SystemExit("vlmkit eval: give --data WORLD, or --benchmark FILE (with --data IMAGES for POPE files)")
+    if args.corruptions:
+        from vlmkit.eval.corruptions import KINDS, evaluate_robustness
+
+        kinds = KINDS if args.corruptions == "all" else tuple(args.corruptions.split(","))
+        table = evaluate_robustness(args.checkpoint, args.data, args.out, kinds, args.batch_size, args.limit)
+        for name, row in table.items():
+            if name != "drop":
+                print(f"{name:10s} " + "  ".join(f"{task} {value:.3f}" for task, value in row.items()))
+        return 0
     results = evaluate(
         args.checkpoint,
         hf_model=args.hf_model,
@@ -165,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a VLMEvalKit TSV (MCQ, yes/no or VQA), or a POPE question file with --data IMAGES")
     ev.add_argument("--kind", choices=["mcq", "yesno", "vqa"], default=None,
                     help="the benchmark's kind (default: detected from its columns)")
+    ev.add_argument("--corruptions", default=None, metavar="KINDS",
+                    help="robustness: also evaluate under noise,blur,jpeg (or all) at three levels each")
     ev.add_argument("--circular", action="store_true",
                     help="CircularEval: ask each multiple-choice question in every rotation of its options")
     ev.add_argument("--out", required=True)
