@@ -63,6 +63,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.corruptions:
         from vlmkit.eval.corruptions import KINDS, evaluate_robustness
 
+        if args.checkpoint is None or args.data is None:
+            raise SystemExit("vlmkit eval --corruptions: needs a vlmkit CHECKPOINT and --data WORLD")
+
         kinds = KINDS if args.corruptions == "all" else tuple(args.corruptions.split(","))
         table = evaluate_robustness(args.checkpoint, args.data, args.out, kinds, args.batch_size, args.limit)
         for name, row in table.items():
