@@ -227,3 +227,23 @@ def test_shapes_chair_counts_hallucinated_objects_against_the_scene(tmp_path):
     # colour-shape pairs: red circle ok, green triangle no, blue square ok, blue circle no -> 2 of 4, 2 of 3
     assert m["attribute_chair_i"] == 0.5 and m["attribute_chair_s"] == 2 / 3
     assert m["mentions_per_caption"] == 4 / 3
+
+
+def test_items_answered_right_without_the_image_are_listed(tmp_path):
+    from vlmkit.eval.report import write_report
+    from vlmkit.eval.tasks import target_of
+
+    samples = make_world(tmp_path / "world")
+
+    def predictor(batch):  # right with the image; blind it always says "yes"
+        return [target_of(s) if s.images else "yes" for s in batch]
+
+    res = run_evaluation(predictor, samples, tmp_path / "out", blind=True, batch_size=4)
+    pope_yes = [s.id for s in samples if s.meta.get("task") == "pope" and s.meta.get("answer") == "yes"]
+    n_pope = sum(1 for s in samples if s.meta.get("task") == "pope")
+    leaked = res["answered_without_image"]["shapes_pope"]
+    assert pope_yes and sorted(leaked["ids"]) == sorted(pope_yes)
+    assert leaked["n"] == len(pope_yes) and leaked["share"] == len(pope_yes) / n_pope
+    report = write_report(res, tmp_path / "out" / "samples.jsonl", tmp_path / "world", tmp_path / "r.html")
+    html = report.read_text()
+    assert "Answered correctly without the image" in html and all(sid in html for sid in pope_yes)

@@ -305,6 +305,23 @@ def _card(r: dict, blind_row: dict | None, data_root: Path | None) -> str:
     )
 
 
+def _answered_without_image_html(rows: list[dict], per_task: int = 50) -> str:
+    """The items answered right without their image (a leak: the question gives the answer
+    away, or the model guesses its prior), per task, with the question and the answer."""
+    blind_right = [r for r in rows if r.get("blind") and float(r["score"]) >= 1.0]
+    out = ["<h2>Answered correctly without the image</h2>",
+           f"<p class='meta'>{len(blind_right)} item(s): the question alone was enough. These are the "
+           "first to doubt when reading the scores with the image.</p>"]  # fmt: skip
+    by_task: dict[str, list[dict]] = {}
+    for r in blind_right:
+        by_task.setdefault(r["task"], []).append(r)
+    for task, items in sorted(by_task.items()):
+        rows_html = [[f"<td>{_e(str(v))}</td>" for v in (r["id"], r.get("prompt", ""), r.get("target"), r.get("prediction"))]
+                     for r in items[:per_task]]  # fmt: skip
+        out.append(f"<h3>{_e(task)} ({len(items)})</h3>" + _table(["id", "question", "target", "blind answer"], rows_html))
+    return "".join(out)
+
+
 def write_report(
     results: dict,
     samples_jsonl_path: str | Path,
@@ -351,6 +368,9 @@ def write_report(
                 parts.append(_pope_html(results["blind"][n], f"{n}: blind"))
 
     parts.append("<h2>Extraction methods</h2>" + _extraction_html(results))
+
+    if has_blind:
+        parts.append(_answered_without_image_html(rows))
 
     blind_rows = {(r["task"], r.get("item"), r["id"]): r for r in rows if r.get("blind")}
     gallery = select_gallery(rows)

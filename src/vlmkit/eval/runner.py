@@ -266,6 +266,11 @@ def run_evaluation(
             results["blind"][n] = _summarise(defs[n], brows)
             with_img, without = _by_type(rows), _by_type(brows)
             results["image_gain"][n] = {qt: with_img[qt] - without.get(qt, 0.0) for qt in with_img}
+            # items answered right without their image: candidates for leakage (MMStar's concern)
+            right_blind = [r["id"] for r in brows if float(r["score"]) >= 1.0]
+            results.setdefault("answered_without_image", {})[n] = {
+                "n": len(right_blind), "share": len(right_blind) / len(brows) if brows else 0.0,
+                "ids": right_blind[:200]}  # fmt: skip
 
     by_task = Counter(str(s.meta.get("task", "unknown")) for s in samples)
     not_eval = Counter(
