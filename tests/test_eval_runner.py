@@ -247,3 +247,32 @@ def test_items_answered_right_without_the_image_are_listed(tmp_path):
     report = write_report(res, tmp_path / "out" / "samples.jsonl", tmp_path / "world", tmp_path / "r.html")
     html = report.read_text()
     assert "Answered correctly without the image" in html and all(sid in html for sid in pope_yes)
+
+
+def test_leakage_against_a_base_llm(tiny_world, tmp_path):
+    """``vlmkit eval --blind --base-llm``: the text-only LLM answers the same questions without
+    images; ML = max(0, blind VLM - base LLM) per task, from the two runs' own metrics."""
+    from _model_helpers import make_model
+    from transformers import AutoModelForCausalLM
+
+    from vlmkit.cli import main
+    from vlmkit.data.tokenizer import DEFAULT_CHAT_TEMPLATE
+    from vlmkit.eval.tasks import primary_value
+    from vlmkit.models.checkpoint_io import save_checkpoint
+
+    model, tok = make_model()
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    ckpt = save_checkpoint(model, tok, tmp_path / "ckpt")
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(model.llm.config).save_pretrained(base)  # a random text-only LM
+    tok.save_pretrained(base)
+    args = ["eval", str(ckpt), "--data", str(tiny_world), "--out", str(tmp_path / "e"), "--limit", "3", "--blind",
+            "--base-llm", str(base)]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    base_res = json.loads((tmp_path / "e" / "base_llm" / "results.json").read_text())
+    assert set(res["leakage"]["tasks"]) == set(res["blind"])
+    for name, row in res["leakage"]["tasks"].items():
+        assert row["blind_vlm"] == primary_value(name, res["blind"][name]["metrics"])
+        assert row["base_llm"] == primary_value(name, base_res["tasks"][name]["metrics"])
+        assert row["ml"] == max(0.0, row["blind_vlm"] - row["base_llm"])

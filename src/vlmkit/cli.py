@@ -78,6 +78,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         benchmark=args.benchmark,
         kind=args.kind,
         circular=args.circular,
+        base_llm=args.base_llm,
         data_dir=args.data,
         out_dir=args.out,
         blind=args.blind,
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the benchmark's kind (default: detected from its columns)")
     ev.add_argument("--corruptions", default=None, metavar="KINDS",
                     help="robustness: also evaluate under noise,blur,jpeg (or all) at three levels each")
+    ev.add_argument("--base-llm", default=None, metavar="PATH",
+                    help="with --blind: also ask a text-only HF causal LM, for the multimodal leakage ML")
     ev.add_argument("--circular", action="store_true",
                     help="CircularEval: ask each multiple-choice question in every rotation of its options")
     ev.add_argument("--out", required=True)

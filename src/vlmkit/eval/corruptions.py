@@ -78,18 +78,12 @@ def robustness_suite(predictor, samples: list[Sample], out_dir: str | Path, imag
     ``out_dir/clean`` and ``out_dir/<kind>-<level>``. Returns ``{"clean": {task: value},
     "<kind>-<level>": {task: value}, ..., "drop": {"<kind>-<level>": {task: clean - corrupted}}}``."""
     from vlmkit.eval.runner import run_evaluation
-    from vlmkit.eval.tasks import get_task
+    from vlmkit.eval.tasks import primary_value
 
     out_dir = Path(out_dir)
 
     def headline(results: dict) -> dict:
-        values = {}
-        for name, task in results["tasks"].items():
-            value = task["metrics"]
-            for key in get_task(name).primary.split("."):
-                value = value[key]
-            values[name] = value
-        return values
+        return {name: primary_value(name, task["metrics"]) for name, task in results["tasks"].items()}
 
     table = {"clean": headline(run_evaluation(predictor, samples, out_dir / "clean", tasks=tasks,
                                               batch_size=batch_size, limit=limit))}  # fmt: skip

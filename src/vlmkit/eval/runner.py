@@ -316,6 +316,7 @@ def evaluate(
     benchmark: str | Path | None = None,
     kind: str | None = None,
     circular: bool = False,
+    base_llm: str | Path | None = None,
 ) -> dict:
     """Evaluate a checkpoint on ``data_dir/test.json``; writes results.json, samples.jsonl, report.html.
 
@@ -325,6 +326,9 @@ def evaluate(
     ``benchmark`` (a VLMEvalKit TSV) the questions come from that file instead of
     ``data_dir/test.json``, scored by the ``benchmark_<kind>`` task (`eval.benchmark_tasks`);
     ``circular`` asks every multiple-choice question in all its rotations (CircularEval).
+    With ``base_llm`` (a Hugging Face causal LM, with ``blind``) the same questions go, without
+    images, to that text-only model too, and ``results["leakage"]`` gives per task MMStar's
+    multimodal leakage ``max(0, blind VLM score - base LLM score)`` of the headline metric.
     """
     from vlmkit.data.bad_samples import BadSampleLog
     from vlmkit.data.formats.llava import read_llava
@@ -398,5 +402,28 @@ def evaluate(
         resume=resume,
         info={"model": model, "data": data},
     )
+    if base_llm is not None:
+        if not blind:
+            raise ValueError("evaluate: base_llm measures leakage against the blind run; pass blind=True")
+        results["leakage"] = _leakage(results, samples, base_llm, Path(out_dir) / "base_llm", batch_size, limit,
+                                      max_new_tokens)  # fmt: skip
+        atomic_write_json(Path(out_dir) / RESULTS_FILE, results)
     write_report(results, Path(out_dir) / SAMPLES_FILE, data_dir, Path(out_dir) / REPORT_FILE)
     return results
+
+
+def _leakage(results: dict, samples: list, base_llm, out_dir: Path, batch_size: int, limit, max_new_tokens) -> dict:
+    """Per task: the blind VLM's and the base LLM's headline metric and ML = max(0, difference)."""
+    from vlmkit.eval.tasks import primary_value
+    from vlmkit.infer.text_llm import TextLLMPredictor
+
+    predictor = TextLLMPredictor(base_llm, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
+    tasks = list(results["blind"])
+    base = run_evaluation(predictor, [s.without_images() for s in samples], out_dir, tasks=tasks,
+                          batch_size=batch_size, limit=limit, info={"model": {"base_llm": str(base_llm)}})  # fmt: skip
+    out = {}
+    for name in tasks:
+        blind_value = primary_value(name, results["blind"][name]["metrics"])
+        base_value = primary_value(name, base["tasks"][name]["metrics"]) if name in base["tasks"] else 0.0
+        out[name] = {"blind_vlm": blind_value, "base_llm": base_value, "ml": max(0.0, blind_value - base_value)}
+    return {"base_llm": str(base_llm), "tasks": out}

@@ -307,6 +307,14 @@ TASKS: dict[str, TaskDef] = {
 }
 
 
+def primary_value(name: str, metrics: dict) -> float:
+    """A task's headline metric (its ``primary`` key path, e.g. ``all.accuracy``) from its metrics."""
+    value = metrics
+    for key in get_task(name).primary.split("."):
+        value = value[key]
+    return float(value)
+
+
 def get_task(name: str) -> TaskDef:
     """A shapes task, or a benchmark-file task (`eval.benchmark_tasks`)."""
     from vlmkit.eval.benchmark_tasks import BENCHMARK_TASKS
