@@ -182,27 +182,12 @@ class Parallel:
     # ------------------------------------------------------------------ state
 
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """The full model state (rank 0; None elsewhere). Every rank must call it (FSDP gathers)."""
-        if not self.sharded:
-            return {k: v.detach().cpu() for k, v in model.state_dict().items()} if self.env.is_main else None
+        """An FSDP2-sharded model's full state, gathered on rank 0 (None elsewhere); every rank
+        must call it. (Unsharded models are saved from the module itself.)"""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return full if self.env.is_main else None
-
-    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-        """``optimizer.state_dict()`` (indexed by parameter position) with full tensors; rank 0."""
-        if not self.sharded:
-            return optimizer.state_dict() if self.env.is_main else None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.env.is_main:
-            return None
-        index = {name: i for i, name in enumerate(name for g in full["param_groups"] for name in g["params"])}
-        state = {index[name]: value for name, value in full["state"].items()}
-        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
-        return {"state": state, "param_groups": groups}
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Load a full, position-indexed optimizer state (every rank reads the same file)."""

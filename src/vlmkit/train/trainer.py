@@ -317,18 +317,18 @@ class StageTrainer:
             return None
         parallel = ctx.parallel
         rngs = parallel.gather_objects(capture_rng())
-        shards = groups = optimizer_state = model_state = None
+        shards = groups = model_state = None
+        optimizer = self.optimizer  # unsharded: identical on every rank, rank 0 writes it whole
         if parallel.sharded:  # every rank writes its optimizer shards; rank 0 moves them in
             if ctx.env.is_main:
                 shards = ctx.checkpoints.shard_dir(ctx.global_step)
             shards = Path(broadcast_object(ctx.env, str(shards) if shards else None))
             groups = parallel.save_sharded_optimizer(self.model, self.optimizer, shards)
             model_state = parallel.model_state(self.model)
-        else:
-            optimizer_state = parallel.optimizer_state(self.model, self.optimizer)
+            optimizer = None
         path = None
         if ctx.env.is_main:
-            path = ctx.checkpoints.save(self.model, optimizer_state, self.scheduler, self.progress(),
+            path = ctx.checkpoints.save(self.model, optimizer, self.scheduler, self.progress(),
                                         self.mixture.state_dict(), rng_of_ranks=rngs, model_state=model_state,
                                         sharded_optimizer=shards, sharded_param_groups=groups)  # fmt: skip
             tqdm.write(f"checkpoint {path} (stage {self.stage.name}, step {ctx.global_step})")
