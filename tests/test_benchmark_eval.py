@@ -69,6 +69,13 @@ def test_vlmkit_eval_benchmark_with_a_checkpoint(mmbench_like, tmp_path):
     assert list(res["tasks"]) == ["benchmark_mcq"] and res["tasks"]["benchmark_mcq"]["n"] == 4
     assert res["data"]["path"] == str(mmbench_like) and res["data"]["size"] == mmbench_like.stat().st_size
     assert sum(res["tasks"]["benchmark_mcq"]["extraction"].values()) == 4  # every answer accounted for
+    report = (tmp_path / "e" / "report.html").read_text()
+    # a per-category table (MMBench's l2-category and category), and the TSV's inline images in
+    # the gallery although samples.jsonl records no image path for them
+    per_category = report.split("<h2>Per category</h2>")[1].split("<h2>")[0]
+    for name in ("perception", "reasoning", "colour", "shape", "count", "spatial"):
+        assert f"<td>{name}</td>" in per_category
+    assert report.count('src="data:image/png;base64,') == 4 and "no image" not in report
 
 
 def test_vlmkit_eval_on_a_pope_question_file(tmp_path):

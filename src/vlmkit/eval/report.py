@@ -98,17 +98,20 @@ def summary_table(results: dict) -> str:
 # ------------------------------------------------------------------ images
 
 
-def _load_image(name: str | None, data_root: Path | None):
-    """The item's image as PIL RGB, or None (missing file, URL, undecodable): logged, never fatal."""
+def _load_image(ref: str | ImageRef | None, data_root: Path | None):
+    """The item's image (a path, or an `ImageRef` with inline bytes) as PIL RGB, or None
+    (missing file, URL, undecodable): logged, never fatal."""
     from vlmkit.data.bad_samples import BadSampleError
     from vlmkit.data.images import load_image
 
-    if not name or "://" in name:
+    if isinstance(ref, str):
+        ref = ImageRef(path=ref) if "://" not in ref else None
+    if ref is None or ref.url is not None:
         return None
     try:
-        return load_image(ImageRef(path=name), data_root)
+        return load_image(ref, data_root)
     except BadSampleError as err:  # a report must not die on one bad image
-        log.warning("report: cannot load image %s: %s", name, err)
+        log.warning("report: cannot load image %s: %s", ref.describe(), err)
         return None
 
 
@@ -216,6 +219,35 @@ def _per_type_html(rows: list[dict], has_blind: bool) -> str:
     return _table(header, out)
 
 
+def _per_category_html(rows: list[dict], has_blind: bool) -> str:
+    """Accuracy per (task, category[, l2-category]) for items whose scorer recorded a category
+    (the benchmark tasks: MMBench's category and l2-category, VQAv2's answer type, ...)."""
+    acc: dict[tuple[str, str, str, bool], list[float]] = defaultdict(list)
+    for r in rows:
+        extra = r.get("extra") or {}
+        if "category" not in extra:
+            continue
+        key = (r["task"], str(extra.get("l2_category", "")), str(extra["category"]), bool(r.get("blind")))
+        acc[key].append(float(r["score"]))
+    keys = sorted({k[:3] for k in acc})
+    if not keys:
+        return ""
+    show_l2 = any(l2 not in ("", "none") for _, l2, _ in keys)
+    out = []
+    for t, l2, cat in keys:
+        img, bl = acc.get((t, l2, cat, False), []), acc.get((t, l2, cat, True), [])
+        a = sum(img) / len(img) if img else None
+        b = sum(bl) / len(bl) if bl else None
+        cells = [f"<td>{_e(t)}</td>"] + ([f"<td>{_e(l2)}</td>"] if show_l2 else [])
+        cells += [f"<td>{_e(cat)}</td>", _num(len(img)), _num(a)]
+        if has_blind:
+            cells += [_num(b), _num(a - b if a is not None and b is not None else None, True)]
+        out.append(cells)
+    header = ["task"] + (["l2-category"] if show_l2 else []) + ["category", "n", "with image"]
+    header += ["blind", "gain"] if has_blind else []
+    return "<h2>Per category</h2>" + _table(header, out)
+
+
 def _pope_html(res: dict, title: str) -> str:
     cols = ["n", "accuracy", "precision", "recall", "f1", "yes_ratio", "n_unparsed"]
     rows = []
@@ -271,8 +303,10 @@ def select_gallery(rows: list[dict], k: int = GALLERY_SIZE) -> list[dict]:
     return out
 
 
-def _card(r: dict, blind_row: dict | None, data_root: Path | None) -> str:
-    imgs = r.get("images") or []
+def _card(r: dict, blind_row: dict | None, data_root: Path | None, inline: dict | None = None) -> str:
+    imgs = [name for name in (r.get("images") or []) if name]
+    if not imgs and inline:  # benchmark files carry their images as bytes (VLMEvalKit TSV, parquet)
+        imgs = list(inline.get(r["id"], []))
     img = _load_image(imgs[0], data_root) if imgs else None
     if img is not None:
         img = _thumbnail(img)
@@ -327,8 +361,12 @@ def write_report(
     samples_jsonl_path: str | Path,
     data_root: str | Path | None,
     out_path: str | Path,
+    inline_images: dict[str, list[ImageRef]] | None = None,
 ) -> Path:
-    """Write the self-contained report.html (atomically) and return its path."""
+    """Write the self-contained report.html (atomically) and return its path.
+
+    ``inline_images`` maps an item id to its image references, for items whose images are
+    bytes inside the benchmark file rather than paths (samples.jsonl records paths only)."""
     rows = read_jsonl(samples_jsonl_path) if Path(samples_jsonl_path).exists() else []
     root = Path(data_root) if data_root is not None else None
     has_blind = bool(results.get("blind"))
@@ -357,6 +395,7 @@ def write_report(
                      "question asked without it (blind). A gain near 0 means the question can be "
                      "answered without looking.</p>")
     parts.append(_per_type_html(rows, has_blind))
+    parts.append(_per_category_html(rows, has_blind))
 
     pope = [n for n, r in results.get("tasks", {}).items() if n.endswith("pope")]
     if pope:
@@ -379,7 +418,7 @@ def write_report(
                  f"{counts['wrong']} wrong). Grounding: target box green, predicted box red.</p>")
     parts.append('<div class="gallery">')
     for r in gallery:
-        parts.append(_card(r, blind_rows.get((r["task"], r.get("item"), r["id"])), root))
+        parts.append(_card(r, blind_rows.get((r["task"], r.get("item"), r["id"])), root, inline_images))
     parts.append("</div></body></html>")
 
     out = Path(out_path)

@@ -408,7 +408,8 @@ def evaluate(
         results["leakage"] = _leakage(results, samples, base_llm, Path(out_dir) / "base_llm", batch_size, limit,
                                       max_new_tokens)  # fmt: skip
         atomic_write_json(Path(out_dir) / RESULTS_FILE, results)
-    write_report(results, Path(out_dir) / SAMPLES_FILE, data_dir, Path(out_dir) / REPORT_FILE)
+    inline = {str(s.id): list(s.images) for s in samples if any(ref.data is not None for ref in s.images)}
+    write_report(results, Path(out_dir) / SAMPLES_FILE, data_dir, Path(out_dir) / REPORT_FILE, inline_images=inline)
     return results
 
 
