@@ -84,7 +84,8 @@ def _by(rows: list[ItemRecord], key: str) -> dict:
 
 
 def _extract_option(sample: Sample, prediction: str, ctx: dict) -> Extraction:
-    letter, method = extract_option(prediction, options_of(sample))
+    # ctx["judge"]: an `eval.option_judge.OptionJudge`, only when one is configured
+    letter, method = extract_option(prediction, options_of(sample), judge=ctx.get("judge"))
     return Extraction(letter, method)
 
 
@@ -169,7 +170,8 @@ def _score_vqa(sample: Sample, ex: Extraction) -> dict:
 
 def _agg_vqa(rows: list[ItemRecord]) -> dict:
     return {"accuracy": sum(r["score"] for r in rows) / len(rows) if rows else 0.0,
-            "by_category": _by(rows, "category"),
+            "by_category": _by(rows, "category"),  # VQAv2: the answer type
+            "by_l2_category": _by(rows, "l2_category"),  # VQAv2: the question type
             "n_by_category": dict(sorted(Counter(r["extra"].get("category", "none") for r in rows).items()))}  # fmt: skip
 
 

@@ -310,7 +310,8 @@ def _card(r: dict, blind_row: dict | None, data_root: Path | None, inline: dict 
     img = _load_image(imgs[0], data_root) if imgs else None
     if img is not None:
         img = _thumbnail(img)
-        if r["task"] == "shapes_grounding" or r["question_type"] == "ground_ref":
+        # grounding items (the shapes task, RefCOCO): their scorers keep the IoU
+        if r["task"] == "shapes_grounding" or r["question_type"] == "ground_ref" or "iou" in (r.get("extra") or {}):
             boxes = []
             tb = parse_box(r.get("target"))
             pb = parse_box(r.get("extracted"))

@@ -129,8 +129,12 @@ def run_evaluation(
     limit: int | None = None,
     resume: bool = False,
     info: dict | None = None,
+    judge=None,
 ) -> dict:
     """Evaluate ``predictor`` on ``samples``; write samples.jsonl and results.json; return the results.
+
+    ``judge`` (an `eval.option_judge.OptionJudge`) places the multiple-choice answers that no
+    extraction rule reads; it is recorded under ``results["config"]["judge"]``.
 
     Samples are grouped into the tasks of `vlmkit.eval.tasks.TASKS` (``tasks`` names a subset;
     default all) by each task's ``accepts``; rows no task accepts are counted in
@@ -163,6 +167,9 @@ def run_evaluation(
     defs = {n: get_task(n) for n in names}
     groups: dict[str, list[Sample]] = {n: [s for s in samples if d.accepts(s)] for n, d in defs.items()}
     contexts = {n: defs[n].prepare(groups[n]) for n in names}
+    if judge is not None:
+        for ctx in contexts.values():
+            ctx["judge"] = judge
     fingerprint = _fingerprint(groups)
     if limit is not None:
         groups = {n: g[: max(0, int(limit))] for n, g in groups.items()}
@@ -285,6 +292,8 @@ def run_evaluation(
     results["model"] = info.get("model", {})
     results["data"] = data
     results["config"] = {"tasks": names, "blind": bool(blind), "batch_size": batch_size, "limit": limit}
+    if judge is not None:
+        results["config"]["judge"] = judge.describe()
     results["fingerprint"] = fingerprint
     wall = time.perf_counter() - t_start
     results["timing"] = {
@@ -317,6 +326,9 @@ def evaluate(
     kind: str | None = None,
     circular: bool = False,
     base_llm: str | Path | None = None,
+    benchmark_dir: str | Path | None = None,
+    download: bool = False,
+    judge=None,
 ) -> dict:
     """Evaluate a checkpoint on ``data_dir/test.json``; writes results.json, samples.jsonl, report.html.
 
@@ -329,6 +341,9 @@ def evaluate(
     With ``base_llm`` (a Hugging Face causal LM, with ``blind``) the same questions go, without
     images, to that text-only model too, and ``results["leakage"]`` gives per task MMStar's
     multimodal leakage ``max(0, blind VLM score - base LLM score)`` of the headline metric.
+    When ``tasks`` are named benchmarks (``vqav2``, ``mmbench``, ... `eval.named_benchmarks`),
+    their files are read from ``benchmark_dir`` (fetched first if missing and ``download``).
+    ``judge`` (a `eval.judge.JudgeConfig`) places multiple-choice answers the rules can't read.
     """
     from vlmkit.data.bad_samples import BadSampleLog
     from vlmkit.data.formats.llava import read_llava
@@ -336,12 +351,33 @@ def evaluate(
     from vlmkit.infer.predictor import load_predictor
 
     bad_log = BadSampleLog()
-    if benchmark is not None:
+    files: list[Path] | None = None  # benchmarks of several files: each one is fingerprinted
+    named = [t for t in (tasks or ()) if t in _named_benchmarks()]
+    if named and (benchmark is not None or len(named) != len(tasks or ())):
+        raise ValueError(f"evaluate: named benchmarks ({', '.join(named)}) can't be mixed with a benchmark "
+                         "file or with the shapes tasks")  # fmt: skip
+    if named:
+        from vlmkit.eval.named_benchmarks import read_benchmark
+
+        samples, files = [], []
+        for name in named:
+            got, paths = read_benchmark(name, benchmark_dir, download, bad_log=bad_log)
+            samples += got
+            files += paths
+        tasks = named
+        data_dir = Path(data_dir) if data_dir is not None else files[0].parent
+    elif benchmark is not None:
         from vlmkit.eval.benchmark_tasks import mark_benchmark
         from vlmkit.eval.formats.vlmevalkit import read_vlmevalkit
 
         test_path = Path(benchmark)
-        if test_path.suffix.lower() in (".json", ".jsonl"):  # POPE's question files; images under data_dir
+        if test_path.is_dir() or test_path.suffix.lower() == ".parquet":  # HF datasets (lmms-eval layouts)
+            from vlmkit.eval.formats.hf_parquet import parquet_files, read_hf_parquet
+
+            samples = read_hf_parquet(test_path, layout=kind, bad_log=bad_log)
+            files = parquet_files(test_path)
+            tasks = sorted({f"benchmark_{s.meta['task']}" for s in samples})
+        elif test_path.suffix.lower() in (".json", ".jsonl"):  # POPE's question files; images under data_dir
             from vlmkit.eval.formats.pope import read_pope
 
             if data_dir is None:
@@ -384,13 +420,13 @@ def evaluate(
         predictor = ImageAsTextPredictor(captioner, predictor)
         model["image_as_text"] = {"captioner": captioner_info, "caption_prompt": CAPTION_PROMPT,
                                   "describe_as": DESCRIBE_AS}  # fmt: skip
-    data = {
-        "path": str(test_path),
-        "sha256": file_sha256(test_path),
-        "size": test_path.stat().st_size,
-        "bad_rows": len(bad_log.bad),
-        "bad_summary": bad_log.summary(),
-    }
+    if files is not None:  # one fingerprint per file read
+        data: dict[str, Any] = {"files": [{"path": str(f), "sha256": file_sha256(f), "size": f.stat().st_size}
+                                          for f in files]}  # fmt: skip
+        data.update({"path": str(files[0].parent), "size": sum(f["size"] for f in data["files"])})
+    else:
+        data = {"path": str(test_path), "sha256": file_sha256(test_path), "size": test_path.stat().st_size}
+    data.update({"bad_rows": len(bad_log.bad), "bad_summary": bad_log.summary()})
     results = run_evaluation(
         predictor,
         samples,
@@ -401,6 +437,7 @@ def evaluate(
         limit=limit,
         resume=resume,
         info={"model": model, "data": data},
+        judge=_option_judge(judge),
     )
     if base_llm is not None:
         if not blind:
@@ -411,6 +448,20 @@ def evaluate(
     inline = {str(s.id): list(s.images) for s in samples if any(ref.data is not None for ref in s.images)}
     write_report(results, Path(out_dir) / SAMPLES_FILE, data_dir, Path(out_dir) / REPORT_FILE, inline_images=inline)
     return results
+
+
+def _option_judge(config):
+    if config is None:
+        return None
+    from vlmkit.eval.option_judge import OptionJudge
+
+    return OptionJudge(config)
+
+
+def _named_benchmarks() -> dict:
+    from vlmkit.eval.named_benchmarks import BENCHMARKS
+
+    return BENCHMARKS
 
 
 def _leakage(results: dict, samples: list, base_llm, out_dir: Path, batch_size: int, limit, max_new_tokens) -> dict:

@@ -316,10 +316,16 @@ def primary_value(name: str, metrics: dict) -> float:
 
 
 def get_task(name: str) -> TaskDef:
-    """A shapes task, or a benchmark-file task (`eval.benchmark_tasks`)."""
+    """A shapes task, a benchmark-file task (`eval.benchmark_tasks`, `eval.hf_tasks`), or the
+    task of a named benchmark (`eval.named_benchmarks`: ``vqav2``, ``mmbench``, ...)."""
     from vlmkit.eval.benchmark_tasks import BENCHMARK_TASKS
+    from vlmkit.eval.hf_tasks import HF_TASKS
+    from vlmkit.eval.named_benchmarks import BENCHMARKS, named_task
 
-    found = TASKS.get(name) or BENCHMARK_TASKS.get(name)
+    found = TASKS.get(name) or BENCHMARK_TASKS.get(name) or HF_TASKS.get(name)
+    if found is None and name in BENCHMARKS:
+        found = named_task(name)
     if found is None:
-        raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS) + sorted(BENCHMARK_TASKS)}")
+        known = sorted(TASKS) + sorted(BENCHMARK_TASKS) + sorted(HF_TASKS) + sorted(BENCHMARKS)
+        raise KeyError(f"unknown task {name!r}; known: {known}")
     return found
