@@ -54,12 +54,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vlmkit.eval.runner import evaluate
-
     if (args.checkpoint is None) == (args.hf_model is None):
         raise SystemExit("vlmkit eval: give a vlmkit CHECKPOINT or --hf-model PATH (one of them)")
-    if args.data is None and args.benchmark is None:
-        raise SystemExit("vlmkit eval: give --data WORLD, or --benchmark FILE (with --data IMAGES for POPE files)")
+    tasks = args.tasks.split(",") if args.tasks else None
+    if args.data is None and args.benchmark is None and tasks is None:
+        raise SystemExit("vlmkit eval: give --data WORLD, --tasks BENCHMARK[,..], or --benchmark FILE "
+                         "(with --data IMAGES for POPE files)")
     if args.corruptions:
         from vlmkit.eval.corruptions import KINDS, evaluate_robustness
 
@@ -72,13 +72,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if name != "drop":
                 print(f"{name:10s} " + "  ".join(f"{task} {value:.3f}" for task, value in row.items()))
         return 0
-    results = evaluate(
+    from vlmkit.eval.named_benchmarks import BenchmarkNotFound
+
+    try:
+        results = _run_evaluate(args, tasks)
+    except BenchmarkNotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from vlmkit.eval.report import summary_table
+
+    print(summary_table(results))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace, tasks: list[str] | None) -> dict:
+    from vlmkit.eval.runner import evaluate
+
+    return evaluate(
         args.checkpoint,
         hf_model=args.hf_model,
         benchmark=args.benchmark,
         kind=args.kind,
         circular=args.circular,
         base_llm=args.base_llm,
+        tasks=tasks,
+        benchmark_dir=args.benchmark_dir,
+        download=args.download,
         data_dir=args.data,
         out_dir=args.out,
         blind=args.blind,
@@ -86,10 +105,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         resume=args.resume,
         image_as_text=args.image_as_text,
+        judge=_eval_judge(args),
     )
-    from vlmkit.eval.report import summary_table
 
-    print(summary_table(results))
+
+def _eval_judge(args: argparse.Namespace):
+    if (args.judge_url is None) != (args.judge_model is None):
+        raise SystemExit("vlmkit eval: --judge-url and --judge-model go together")
+    if args.judge_url is None:
+        return None
+    from vlmkit.eval.judge import JudgeConfig
+
+    return JudgeConfig(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
+                       cache_path=f"{args.out}/judge_cache.jsonl")  # fmt: skip
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from vlmkit.eval.judge import JudgeConfig, JudgeError, JudgeInputError, format_summary, judge_main
+
+    expected = 2 if args.kind == "pairwise" else 1
+    if len(args.files) != expected:
+        raise SystemExit(f"vlmkit judge {args.kind}: give {expected} file(s), got {len(args.files)}")
+    try:
+        config = JudgeConfig(base_url=args.base_url, model=args.judge_model, api_key_env=args.api_key_env,
+                             temperature=args.temperature, max_tokens=args.max_tokens, timeout_s=args.timeout,
+                             max_retries=args.max_retries, http_retries=args.http_retries,
+                             cache_path=args.cache or f"{args.out}/judge_cache.jsonl")  # fmt: skip
+        results = judge_main(args.kind, args.files if expected == 2 else args.files[0], config, args.out,
+                             references=args.references, names=args.names, task=args.task, limit=args.limit,
+                             with_reference=not args.no_reference)  # fmt: skip
+    except (JudgeError, JudgeInputError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(results))
     return 0
 
 
@@ -175,15 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate a Hugging Face LLaVA-format model (directory or hub name) instead")
     ev.add_argument("--data", default=None, help="dataset root holding test.json (the shapes world)")
     ev.add_argument("--benchmark", default=None, metavar="FILE",
-                    help="a VLMEvalKit TSV (MCQ, yes/no or VQA), or a POPE question file with --data IMAGES")
-    ev.add_argument("--kind", choices=["mcq", "yesno", "vqa"], default=None,
-                    help="the benchmark's kind (default: detected from its columns)")
+                    help="a VLMEvalKit TSV (MCQ, yes/no or VQA), a POPE question file with --data IMAGES, "
+                         "or an HF dataset's parquet file(s) in an lmms-eval layout (a file or a folder)")
+    ev.add_argument("--tasks", default=None, metavar="NAME[,NAME]",
+                    help="named benchmarks (vqav2, textvqa, docvqa, chartqa, coco_caption, refcoco, mmbench, "
+                         "mmstar, mme), or a subset of the shapes tasks with --data")
+    ev.add_argument("--benchmark-dir", default=None, metavar="DIR",
+                    help="where named benchmarks live (default: $VLMKIT_BENCHMARKS or ~/.cache/vlmkit/benchmarks)")
+    ev.add_argument("--download", action="store_true",
+                    help="fetch a named benchmark that is not in the benchmark folder (needs the network)")
+    ev.add_argument("--kind", default=None,
+                    choices=["mcq", "yesno", "vqa", "vqav2", "textvqa", "docvqa", "chartqa", "coco_caption", "refcoco"],
+                    help="the TSV's kind, or the parquet layout (default: detected from the columns)")
     ev.add_argument("--corruptions", default=None, metavar="KINDS",
                     help="robustness: also evaluate under noise,blur,jpeg (or all) at three levels each")
     ev.add_argument("--base-llm", default=None, metavar="PATH",
                     help="with --blind: also ask a text-only HF causal LM, for the multimodal leakage ML")
     ev.add_argument("--circular", action="store_true",
                     help="CircularEval: ask each multiple-choice question in every rotation of its options")
+    ev.add_argument("--judge-url", default=None, metavar="URL",
+                    help="an OpenAI-compatible endpoint that places MCQ answers no rule can read (default: none)")
+    ev.add_argument("--judge-model", default=None, help="the judge's model name (with --judge-url)")
+    ev.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="the variable holding the judge's key")
     ev.add_argument("--out", required=True)
     ev.add_argument("--blind", action="store_true", help="also ask every question without its image")
     ev.add_argument("--limit", type=int, default=None, help="at most N items per task")
@@ -192,6 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--image-as-text", default=None, metavar="CAPTIONER",
                     help="baseline: CAPTIONER (a checkpoint) describes each image, CHECKPOINT answers from the text")
     ev.set_defaults(func=_cmd_eval)
+
+    judge = sub.add_parser("judge", help="LLM-as-judge through an OpenAI-compatible endpoint (docs/judges.md)")
+    judge.add_argument("kind", choices=["relative", "grade", "pairwise"],
+                       help="relative: LLaVA-Bench score; grade: MM-Vet 0-1; pairwise: battles for vlmkit arena")
+    judge.add_argument("files", nargs="+", help="an items/predictions JSONL; pairwise: two samples.jsonl")
+    judge.add_argument("--base-url", required=True, help="e.g. http://localhost:8000/v1")
+    judge.add_argument("--judge-model", required=True, help="the model name the server serves")
+    judge.add_argument("--out", required=True)
+    judge.add_argument("--references", default=None, help="ground truth to join by id (relative, grade)")
+    judge.add_argument("--names", nargs=2, default=None, metavar=("A", "B"), help="pairwise: the two models' names")
+    judge.add_argument("--no-reference", action="store_true", help="pairwise: don't show the judge the target")
+    judge.add_argument("--api-key-env", default="OPENAI_API_KEY", help="the environment variable holding the key")
+    judge.add_argument("--temperature", type=float, default=0.0)
+    judge.add_argument("--max-tokens", type=int, default=512)
+    judge.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    judge.add_argument("--max-retries", type=int, default=2, help="re-asks of an unreadable reply")
+    judge.add_argument("--http-retries", type=int, default=3, help="retries of a failed request")
+    judge.add_argument("--cache", default=None, help="answer cache (default: OUT/judge_cache.jsonl)")
+    judge.add_argument("--task", default=None, help="only the rows of this task")
+    judge.add_argument("--limit", type=int, default=None)
+    judge.set_defaults(func=_cmd_judge)
 
     chat = sub.add_parser("chat", help="talk to a checkpoint; interactive when no prompt is given")
     chat.add_argument("checkpoint")
