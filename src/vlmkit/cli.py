@@ -72,6 +72,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if name != "drop":
                 print(f"{name:10s} " + "  ".join(f"{task} {value:.3f}" for task, value in row.items()))
         return 0
+    if args.suite:
+        from vlmkit.eval.suites import parse_suites, run_suites, summary_lines
+
+        if args.data is None:
+            raise SystemExit("vlmkit eval --suite: needs --data WORLD (the suites are built from the shapes world)")
+        model = args.checkpoint if args.checkpoint is not None else None
+        if model is None:
+            raise SystemExit("vlmkit eval --suite: needs a vlmkit CHECKPOINT")
+        result = run_suites(model, args.data, args.out, suites=parse_suites(args.suite), batch_size=args.batch_size,
+                            limit=args.limit, seed=args.suite_seed, placement=args.typographic_placement)  # fmt: skip
+        print("\n".join(summary_lines(result)))
+        return 0
     from vlmkit.eval.named_benchmarks import BenchmarkNotFound
 
     try:
@@ -237,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the TSV's kind, or the parquet layout (default: detected from the columns)")
     ev.add_argument("--corruptions", default=None, metavar="KINDS",
                     help="robustness: also evaluate under noise,blur,jpeg (or all) at three levels each")
+    ev.add_argument("--suite", default=None, metavar="SUITES",
+                    help="robustness suites on the shapes world: typographic,paraphrase,option_order (or all)")
+    ev.add_argument("--suite-seed", type=int, default=0, help="seed of the typographic suite's misleading words")
+    ev.add_argument("--typographic-placement", choices=["near", "over"], default="near",
+                    help="draw the misleading word near the asked object, or over it")
     ev.add_argument("--base-llm", default=None, metavar="PATH",
                     help="with --blind: also ask a text-only HF causal LM, for the multimodal leakage ML")
     ev.add_argument("--circular", action="store_true",
