@@ -8,6 +8,7 @@ Unknown keys are errors (``extra="forbid"``), reported with their key path.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,9 +28,14 @@ class StrictModel(BaseModel):
 
 
 class EncoderPretrainConfig(StrictModel):
-    """Supervised pre-training of a preset encoder on the shapes world's scene labels, before
-    the VLM stages (``train.encoder_pretrain``); the pre-trained encoder replaces the preset."""
+    """Pre-training of a preset encoder on the shapes world before the VLM stages; the
+    pre-trained encoder replaces the preset. ``supervised``: on the scene labels
+    (``train.encoder_pretrain``). ``contrastive``: as the image tower of a CLIP / SigLIP dual
+    encoder on the world's captions (``train.run.contrastive_encoder_recipe``), the way the
+    field's encoders were made."""
 
+    method: Literal["supervised", "contrastive"] = "supervised"
+    loss: Literal["clip", "siglip"] = "clip"  # contrastive only
     steps: int = Field(400, gt=0)
     batch_size: int = Field(32, gt=0)
     lr: float = Field(2e-3, gt=0)
@@ -134,6 +140,59 @@ class ModelConfig(StrictModel):
     init_parts: list[Literal["vision", "connector", "llm"]] | None = None
 
 
+# ------------------------------------------------------------------ dual encoders (models.contrastive)
+
+MAX_LOGIT_SCALE = 100.0  # CLIP's cap on the learned temperature's inverse
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # Radford et al. 2021
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # Zhai et al. 2023
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+
+
+class TextTowerConfig(StrictModel):
+    """The text encoder: the ``tiny-text`` preset or any HF text encoder (hub name / path)."""
+
+    name: str = "tiny-text"
+    pooling: Literal["cls", "mean", "eos"] = "mean"
+    max_length: int = Field(77, gt=1)  # tokens per text (EOS included); tiny-text's position table
+    overrides: dict[str, Any] = Field(default_factory=dict)  # HF config fields (presets: any BertConfig field)
+    tokenizer_vocab_size: int = Field(1024, gt=64)  # tiny-text: the byte-level BPE trained on the data's text
+
+
+class DualEncoderConfig(StrictModel):
+    """A CLIP / SigLIP dual encoder. ``init_logit_scale`` is the *log* of the initial scale
+    (None: ``log(1/0.07)`` for clip, ``log(10)`` for siglip); ``init_logit_bias`` is SigLIP's
+    (None: -10)."""
+
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    text: TextTowerConfig = Field(default_factory=TextTowerConfig)
+    embed_dim: int = Field(128, gt=0)
+    loss: Literal["clip", "siglip"] = "clip"
+    init_logit_scale: float | None = None
+    init_logit_bias: float | None = None
+
+    @model_validator(mode="after")
+    def _bias(self) -> "DualEncoderConfig":
+        if self.loss == "clip" and self.init_logit_bias is not None:
+            raise ValueError("init_logit_bias: only the siglip loss has a learned bias")
+        if self.init_logit_scale is not None and self.init_logit_scale > math.log(MAX_LOGIT_SCALE):
+            raise ValueError(
+                f"init_logit_scale is a log: {self.init_logit_scale} means a scale of "
+                f"{math.exp(self.init_logit_scale):.3g}, over the cap of {MAX_LOGIT_SCALE:g}"
+            )
+        return self
+
+    @property
+    def logit_scale_init(self) -> float:
+        if self.init_logit_scale is not None:
+            return float(self.init_logit_scale)
+        return SIGLIP_INIT_LOGIT_SCALE if self.loss == "siglip" else CLIP_INIT_LOGIT_SCALE
+
+    @property
+    def logit_bias_init(self) -> float:
+        return float(self.init_logit_bias) if self.init_logit_bias is not None else SIGLIP_INIT_LOGIT_BIAS
+
+
+
 # ------------------------------------------------------------------ data
 
 
@@ -189,12 +248,13 @@ class StageConfig(StrictModel):
     """One training stage: what trains, on which data, for how long, at which rates."""
 
     name: str
-    # next_token: cross-entropy on assistant turns; dpo: preference pairs (sources in llava-preference format)
-    objective: Literal["next_token", "dpo"] = "next_token"
+    # next_token: cross-entropy on assistant turns; dpo: preference pairs (sources in llava-preference
+    # format); contrastive: CLIP / SigLIP on image-caption pairs (recipes of kind contrastive)
+    objective: Literal["next_token", "dpo", "contrastive"] = "next_token"
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     lora: LoRAConfig | None = None  # train the named parts through LoRA adapters
-    # what the stage is for (logs, docs, defaults): align | pretrain | highres | instruct | dpo
-    kind: Literal["align", "pretrain", "highres", "instruct", "dpo"] | None = None
+    # what the stage is for (logs, docs, defaults): align | pretrain | highres | instruct | dpo | contrastive
+    kind: Literal["align", "pretrain", "highres", "instruct", "dpo", "contrastive"] | None = None
     # source name -> mixture weight; kind pretrain defaults to MM1's captions : documents : text = 5 : 5 : 1
     data: dict[str, float] = Field(default_factory=dict)
     # train (and save) the model at this image size from this stage on: high-resolution continuation
@@ -237,6 +297,8 @@ class StageConfig(StrictModel):
             self.data = dict(MM1_PRETRAIN_MIXTURE)
         if self.kind == "dpo" and self.objective != "dpo":
             raise ValueError("kind dpo needs objective: dpo")
+        if self.kind == "contrastive" and self.objective != "contrastive":
+            raise ValueError("kind contrastive needs objective: contrastive")
         if self.packing is not None:
             if self.objective != "next_token":
                 raise ValueError("packing: only next_token stages pack (a DPO pair's two answers share one prompt)")
@@ -296,7 +358,34 @@ class WorldConfig(StrictModel):
     size: int = Field(64, gt=0)
 
 
+def _check_sources(stages: list[StageConfig], data: dict[str, DataSource]) -> None:
+    for i, stage in enumerate(stages):
+        for src in stage.data:
+            if src not in data:
+                raise ValueError(
+                    f"stages.{i}.data names source {src!r}, which is not under data (known: {sorted(data)})"
+                )
+            wants = {"dpo": ("llava-preference",), "contrastive": ("llava",)}.get(stage.objective, ("llava", "interleaved"))
+            if data[src].format not in wants:
+                raise ValueError(
+                    f"stages.{i}.data: source {src!r} is in format {data[src].format!r}, but a "
+                    f"{stage.objective} stage reads {' or '.join(map(repr, wants))} sources"
+                )
+
+
+def _check_stage_names(v: list[StageConfig]) -> list[StageConfig]:
+    if not v:
+        raise ValueError("a recipe needs at least one stage")
+    names = [s.name for s in v]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique, got {names}")
+    return v
+
+
 class Recipe(StrictModel):
+    """A vision-language model trained in stages (``kind: vlm``, the default)."""
+
+    kind: Literal["vlm"] = "vlm"
     name: str
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -309,28 +398,53 @@ class Recipe(StrictModel):
     @field_validator("stages")
     @classmethod
     def _nonempty(cls, v: list[StageConfig]) -> list[StageConfig]:
-        if not v:
-            raise ValueError("a recipe needs at least one stage")
-        names = [s.name for s in v]
-        if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique, got {names}")
-        return v
+        return _check_stage_names(v)
 
     @model_validator(mode="after")
     def _sources_exist(self) -> "Recipe":
         for i, stage in enumerate(self.stages):
-            for src in stage.data:
-                if src not in self.data:
-                    raise ValueError(
-                        f"stages.{i}.data names source {src!r}, which is not under data "
-                        f"(known: {sorted(self.data)})"
-                    )
-                wants = ("llava-preference",) if stage.objective == "dpo" else ("llava", "interleaved")
-                if self.data[src].format not in wants:
-                    raise ValueError(
-                        f"stages.{i}.data: source {src!r} is in format {self.data[src].format!r}, but a "
-                        f"{stage.objective} stage reads {' or '.join(map(repr, wants))} sources"
-                    )
+            if stage.objective == "contrastive":
+                raise ValueError(f"stages.{i}.objective: contrastive stages train a dual encoder (kind: contrastive)")
+        _check_sources(self.stages, self.data)
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+class ContrastiveRecipe(StrictModel):
+    """A CLIP / SigLIP dual encoder (``models.contrastive``) trained on image-caption pairs
+    (``kind: contrastive``): the same stages, checkpoints, resume, logging and bad-input
+    handling as a VLM recipe; every stage's objective is ``contrastive``."""
+
+    kind: Literal["contrastive"]
+    name: str
+    seed: int = 0
+    model: DualEncoderConfig = Field(default_factory=DualEncoderConfig)
+    data: dict[str, DataSource]
+    stages: list[StageConfig]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    world: WorldConfig = Field(default_factory=WorldConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _nonempty(cls, v: list[StageConfig]) -> list[StageConfig]:
+        return _check_stage_names(v)
+
+    @model_validator(mode="after")
+    def _contrastive_stages(self) -> "ContrastiveRecipe":
+        for i, stage in enumerate(self.stages):
+            if stage.objective != "contrastive":
+                raise ValueError(f"stages.{i}.objective: a contrastive recipe's stages are contrastive, "
+                                 f"not {stage.objective!r}")  # fmt: skip
+            if stage.strategy != "ddp" or stage.lora is not None or stage.packing is not None:
+                raise ValueError(f"stages.{i}: contrastive stages run plain or under DDP (no fsdp, lora, packing)")
+            if stage.image_size is not None:
+                raise ValueError(f"stages.{i}.image_size: set model.vision.image_size for a dual encoder")
+        _check_sources(self.stages, self.data)
         return self
 
     def stage(self, name: str) -> StageConfig:
@@ -418,11 +532,22 @@ def validate_tree(cls: type[BaseModel], tree: dict, overrides: list[str] = (), s
         raise ConfigError(_format_errors(err, source, what)) from None
 
 
-def recipe_from_dict(tree: dict, overrides: list[str] = (), source: str = "<dict>") -> Recipe:
-    return validate_tree(Recipe, tree, overrides, source)
+RECIPE_KINDS: dict[str, type[StrictModel]] = {"vlm": Recipe, "contrastive": ContrastiveRecipe}
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def recipe_from_dict(tree: dict, overrides: list[str] = (), source: str = "<dict>") -> Recipe | ContrastiveRecipe:
+    """The recipe class is picked by the top-level ``kind`` (``vlm`` when absent)."""
+    kind = tree.get("kind", "vlm") if isinstance(tree, dict) else "vlm"
+    for text in overrides:  # an override may set the kind itself
+        key, value = parse_override(text)
+        if key == "kind":
+            kind = value
+    if kind not in RECIPE_KINDS:
+        raise ConfigError(f"invalid recipe {source}:\n  kind: expected one of {sorted(RECIPE_KINDS)}, got {kind!r}")
+    return validate_tree(RECIPE_KINDS[kind], tree, overrides, source)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe | ContrastiveRecipe:
     """Load a YAML recipe file and apply ``--set`` overrides, validating the result."""
     path = Path(path)
     if not path.exists():
