@@ -39,6 +39,11 @@ _API = {
     "VisionLanguageModel": "vlmkit.models.vlm",
     "load_predictor": "vlmkit.infer.predictor",
     "run_demo": "vlmkit.demo",
+    "load_dual_encoder": "vlmkit.models.contrastive",
+    "embed_images": "vlmkit.infer.embeddings",
+    "embed_texts": "vlmkit.infer.embeddings",
+    "clip_score": "vlmkit.infer.embeddings",
+    "evaluate_dual_encoder": "vlmkit.eval.contrastive_eval",
 }
 
 __all__ = sorted(_API)

@@ -72,6 +72,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if name != "drop":
                 print(f"{name:10s} " + "  ".join(f"{task} {value:.3f}" for task, value in row.items()))
         return 0
+    if args.checkpoint is not None and _is_dual_encoder(args.checkpoint):
+        from vlmkit.eval.contrastive_eval import evaluate_dual_encoder, summary_lines
+
+        if args.data is None:
+            raise SystemExit("vlmkit eval DUAL_ENCODER: needs --data WORLD (zero-shot and retrieval on its test split)")
+        results = evaluate_dual_encoder(args.checkpoint, args.data, args.out, batch_size=args.batch_size,
+                                        limit=args.limit)  # fmt: skip
+        print("\n".join(summary_lines(results)))
+        return 0
     if args.suite:
         from vlmkit.eval.suites import parse_suites, run_suites, summary_lines
 
@@ -94,6 +103,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vlmkit.eval.report import summary_table
 
     print(summary_table(results))
+    return 0
+
+
+def _is_dual_encoder(path: str) -> bool:
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("format") == "vlmkit-dual-encoder"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _cmd_clip_score(args: argparse.Namespace) -> int:
+    from vlmkit.data.bad_samples import BadSampleLog
+    from vlmkit.infer.embeddings import score_file
+
+    out = args.out or str(args.data) + ".clip_scores.jsonl"
+    summary = score_file(args.checkpoint, args.data, out, root=args.root, batch_size=args.batch_size,
+                         bad_log=BadSampleLog(max_fraction=args.max_bad_fraction))  # fmt: skip
+    mean = "n/a" if summary["mean"] is None else f"{summary['mean']:.4f}"
+    print(f"scored {summary['scored']} of {summary['rows']} rows (mean CLIP score {mean}; {summary['bad']} bad) -> {out}")
+    return 0
+
+
+def _cmd_fusion(args: argparse.Namespace) -> int:
+    if args.fusion_command == "train":
+        from vlmkit.train.fusion_objectives import train_fusion
+
+        final = train_fusion(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed, easy_ratio=args.easy_ratio)  # fmt: skip
+        print(f"final checkpoint: {final}")
+        return 0
+    import json
+
+    from vlmkit.eval.fusion_eval import evaluate_fusion
+
+    results = evaluate_fusion(args.checkpoint, args.data, out_path=args.out, limit=args.limit)
+    print(json.dumps({name: task["metrics"] for name, task in results["tasks"].items()}, indent=1))
     return 0
 
 
@@ -291,6 +340,33 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--task", default=None, help="only the rows of this task")
     judge.add_argument("--limit", type=int, default=None)
     judge.set_defaults(func=_cmd_judge)
+
+    cs = sub.add_parser("clip-score", help="score each image-caption row of a LLaVA JSON file with a dual encoder")
+    cs.add_argument("checkpoint", help="a dual encoder (a contrastive run's final/)")
+    cs.add_argument("--data", required=True, help="a LLaVA JSON file: each row's first image against its answer")
+    cs.add_argument("--root", default=None, help="image root (default: the file's folder)")
+    cs.add_argument("--out", default=None, help="JSONL of scores (default: DATA.clip_scores.jsonl)")
+    cs.add_argument("--batch-size", type=int, default=64)
+    cs.add_argument("--max-bad-fraction", type=float, default=0.01, help="stop when more rows than this are bad")
+    cs.set_defaults(func=_cmd_clip_score)
+
+    fusion = sub.add_parser("fusion", help="a single-stream fusion encoder (ViLT-style) trained by MLM and ITM")
+    fusion_sub = fusion.add_subparsers(dest="fusion_command", required=True)
+    ftrain = fusion_sub.add_parser("train", help="train on the shapes world's scenes (docs/fusion.md)")
+    ftrain.add_argument("--data", required=True, help="a shapes world directory")
+    ftrain.add_argument("--out", required=True)
+    ftrain.add_argument("--steps", type=int, default=1500)
+    ftrain.add_argument("--batch-size", type=int, default=32)
+    ftrain.add_argument("--lr", type=float, default=2e-3)
+    ftrain.add_argument("--seed", type=int, default=0)
+    ftrain.add_argument("--easy-ratio", type=float, default=0.5, help="share of ITM negatives from another scene")
+    ftrain.set_defaults(func=_cmd_fusion)
+    feval = fusion_sub.add_parser("eval", help="ITM accuracy (hard negatives) and MLM accuracy on attribute words")
+    feval.add_argument("checkpoint")
+    feval.add_argument("--data", required=True, help="a shapes world directory (its test split)")
+    feval.add_argument("--out", required=True, help="results JSON file")
+    feval.add_argument("--limit", type=int, default=None)
+    feval.set_defaults(func=_cmd_fusion)
 
     chat = sub.add_parser("chat", help="talk to a checkpoint; interactive when no prompt is given")
     chat.add_argument("checkpoint")

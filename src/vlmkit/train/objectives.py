@@ -139,6 +139,65 @@ class DPOObjective:
         return losses.sum(), n, stats
 
 
+class ContrastiveObjective:
+    """CLIP's or SigLIP's loss (`train.contrastive_losses`) on image-caption pairs, for a
+    `models.contrastive.DualEncoder`. Items are ``(caption token ids, [pixels])``.
+
+    The count is the pairs of the micro-batch; the loss of this rank's rows is *summed* against
+    the batch gathered over ranks, so that the trainer's division by the pairs of all ranks
+    gives exactly one process's gradient on the same global batch. Negatives are the other
+    pairs of the same micro-batch (over all ranks): gradient accumulation therefore does not
+    equal a bigger batch, as for any contrastive loss.
+    """
+
+    unit = "pairs"
+
+    def __init__(self, loss: str) -> None:
+        self.loss = loss
+
+    def length(self, item) -> int:
+        return len(item[0])
+
+    def has_images(self, item) -> bool:
+        return True
+
+    def collate(self, items: list, collate_fn, pad_id: int) -> dict:
+        width = max(len(ids) for ids, _ in items)
+        input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for i, (ids, _) in enumerate(items):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, : len(ids)] = 1
+        pixels = torch.stack([pxs[0] for _, pxs in items])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels,
+                "sample_ids": [getattr(ids, "sample_id", None) for ids, _ in items]}  # fmt: skip
+
+    def count(self, batch: dict) -> int:
+        return int(batch["input_ids"].shape[0])
+
+    def placeholder(self, pad_id: int):
+        raise TooManyBadSamples("contrastive: every pair of this rank's share of a micro-batch was bad")
+
+    def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+        import torch.distributed as dist
+
+        from vlmkit.train.contrastive_losses import dual_encoder_loss, in_batch_accuracy
+
+        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"])  # fmt: skip
+        gather = dist.is_available() and dist.is_initialized()  # outside the model: DDP's forward ends above
+        loss = dual_encoder_loss(out, self.loss, gather=gather, reduction="sum")
+        n = self.count(batch)
+        acc = in_batch_accuracy(out["image_embeds"].detach(), out["text_embeds"].detach())
+        stats = {"i2t_acc": acc["i2t_acc"] * n, "t2i_acc": acc["t2i_acc"] * n,
+                 "logit_scale": float(out["logit_scale"].detach()) * n}  # fmt: skip
+        return loss, n, stats
+
+    def after_step(self, model: nn.Module) -> None:
+        """Keep the learned temperature inside CLIP's cap (its gradient is 0 above it)."""
+        model.clamp_logit_scale_()
+
+
 def frozen_reference(model: nn.Module, path: Path, write: bool = True) -> nn.Module:
     """A frozen copy of ``model`` with the weights saved at ``path``; the first call saves the
     model's current weights there (atomically), so a resumed stage gets the same reference.
@@ -155,6 +214,8 @@ def frozen_reference(model: nn.Module, path: Path, write: bool = True) -> nn.Mod
 
 
 def make_objective(stage: StageConfig, model: nn.Module, run_dir: Path, write_reference: bool = True):
+    if stage.objective == "contrastive":
+        return ContrastiveObjective(model.config.loss)
     if stage.objective == "next_token":
         if stage.packing is not None and getattr(model, "fuses_by_cross_attention", False):
             raise ConfigError(f"stages.{stage.name}.packing: not supported with connector.fusion=cross_attention "

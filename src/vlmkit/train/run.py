@@ -179,6 +179,8 @@ def with_pretrained_encoder(recipe: Recipe, data_dir: Path, encoder_dir: Path) -
     from vlmkit.train.encoder_pretrain import pretrain_encoder
 
     vision = recipe.model.vision
+    if vision.pretrain.method == "contrastive":
+        return with_contrastive_encoder(recipe, data_dir, encoder_dir)
     if vision.name not in PRESETS:
         raise ConfigError(
             f"model.vision.pretrain: only the presets {list(PRESETS)} are pre-trained here; "
@@ -191,6 +193,45 @@ def with_pretrained_encoder(recipe: Recipe, data_dir: Path, encoder_dir: Path) -
                                 seed=recipe.seed)  # fmt: skip
     print(f"encoder pre-trained ({p.steps} steps): held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
     pretrained = vision.model_copy(update={"name": str(encoder_dir), "pretrain": None})
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"vision": pretrained})})
+
+
+def contrastive_encoder_recipe(recipe: Recipe):
+    """The dual-encoder recipe that pre-trains ``recipe``'s image encoder contrastively on the
+    world's captions (``model.vision.pretrain.method: contrastive``)."""
+    from vlmkit.config import ContrastiveRecipe, DataSource, DualEncoderConfig, StageConfig, TrainConfig
+
+    vision = recipe.model.vision
+    p = vision.pretrain
+    stage = StageConfig(name="contrastive", kind="contrastive", objective="contrastive", data={"captions": 1.0},
+                        trainable=["vision", "text", "*_proj.*", "logit_*"], lr=p.lr, batch_size=p.batch_size,
+                        steps=p.steps, warmup_steps=min(50, p.steps // 10), log_every=25)  # fmt: skip
+    return ContrastiveRecipe(
+        kind="contrastive", name=f"{recipe.name}-encoder", seed=recipe.seed,
+        model=DualEncoderConfig(vision=vision.model_copy(update={"pretrain": None}), loss=p.loss),
+        data={"captions": DataSource(path="train.json", tasks=["caption"])}, stages=[stage],
+        train=TrainConfig(tensorboard=False, device=recipe.train.device), world=recipe.world,
+    )  # fmt: skip
+
+
+def with_contrastive_encoder(recipe: Recipe, data_dir: Path, encoder_dir: Path) -> Recipe:
+    """Train the CLIP/SigLIP dual encoder of ``contrastive_encoder_recipe`` in ``encoder_dir``
+    (resumed if interrupted, reused if finished); the VLM loads its exported image tower."""
+    from vlmkit.eval.contrastive_eval import evaluate_dual_encoder
+    from vlmkit.train.contrastive_run import IMAGE_TOWER_DIR, train_contrastive
+
+    if not (data_dir / "world.json").is_file():
+        raise ConfigError(f"model.vision.pretrain: contrastive pre-training reads the shapes world's captions; "
+                          f"{data_dir} has no world.json")  # fmt: skip
+    final = encoder_dir / "final"
+    if not (final / IMAGE_TOWER_DIR).is_dir():
+        resume = (encoder_dir / "checkpoints").is_dir()
+        train_contrastive(contrastive_encoder_recipe(recipe), data_dir, encoder_dir, resume=resume)
+        results = evaluate_dual_encoder(final, data_dir, encoder_dir / "eval")
+        zs = results["tasks"]["shapes_zeroshot"]["metrics"]
+        print("encoder pre-trained contrastively: zero-shot top-1 on held-out single objects "
+              + ", ".join(f"{k} {v['top1']:.3f}" for k, v in zs["by_attribute"].items()))
+    pretrained = recipe.model.vision.model_copy(update={"name": str(final / IMAGE_TOWER_DIR), "pretrain": None})
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"vision": pretrained})})
 
 
@@ -307,10 +348,15 @@ def train(
     this; rank 0 writes the run directory (the others wait where it writes shared files), and
     ``strategy`` (``ddp``/``fsdp``, default: the stages') picks the data-parallel wrapping.
     """
+    from vlmkit.config import ContrastiveRecipe
     from vlmkit.data.collate import collate
     from vlmkit.data.dataset import load_sources
     from vlmkit.models.checkpoint_io import save_checkpoint
 
+    if isinstance(recipe, ContrastiveRecipe):  # a dual encoder: the same loop, another model
+        from vlmkit.train.contrastive_run import train_contrastive
+
+        return train_contrastive(recipe, data_dir, out_dir, max_steps, save_every, resume, stop_after_steps, strategy)
     out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
     env, device = init_distributed(resolve_device(recipe.train.device))
     parallel = Parallel(env, run_strategy(recipe.stages, strategy), device)

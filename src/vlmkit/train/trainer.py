@@ -254,6 +254,9 @@ class StageTrainer:
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.ctx.nonfinite_in_a_row = 0
             self.optimizer.step()
+            after_step = getattr(self.objective, "after_step", None)
+            if after_step is not None:  # e.g. clamp a contrastive model's temperature
+                after_step(self.model)
         else:
             self._skip_nonfinite(loss, grad_norm, batches)
         self.scheduler.step()

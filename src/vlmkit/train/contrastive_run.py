@@ -1,0 +1,200 @@
+"""``vlmkit train`` for recipes of ``kind: contrastive``: a CLIP / SigLIP dual encoder
+(`models.contrastive`) trained on image-caption pairs by the same loop as a VLM.
+
+Everything but the model is shared with `train.run`: the run directory and its refusal to
+overwrite, the world, the data sources and mixtures, bad-sample counting, the stage loop
+(`train.trainer`, objective `train.objectives.ContrastiveObjective`), checkpoints with full
+training state, ``--resume``, metrics.jsonl / TensorBoard, torchrun DDP. Run directory::
+
+    recipe.yaml  metrics.jsonl  loss.png  tokenizer/  world/ (if generated)
+    checkpoints/step-XXXXXX/  (dual encoder + training_state/)
+    final/                    (dual encoder, recipe.yaml)
+    final/image_tower/        (the image encoder alone, as a Hugging Face vision model: what a
+                               VLM recipe loads with ``model.vision.name: <run>/final/image_tower``)
+
+A pair is a sample's first image and its answer (the last assistant turn): a caption when the
+source is filtered to caption rows (``tasks: [caption]``). A sample without either is a bad
+sample, named and counted like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from vlmkit.config import ConfigError, ContrastiveRecipe, recipe_to_yaml
+from vlmkit.data.bad_samples import BadSampleError, BadSampleLog
+from vlmkit.data.images import ImageProcessor, load_image
+from vlmkit.data.sample import Sample
+from vlmkit.train.checkpoints import CheckpointManager, latest_checkpoint
+from vlmkit.train.parallel import Parallel, barrier, init_distributed, run_strategy
+from vlmkit.train.run import (
+    KEEP_LAST,
+    check_run_dir,
+    ensure_world,
+    plot_losses,
+    resolve_device,
+    seed_everything,
+    truncate_metrics,
+    used_sources,
+)
+from vlmkit.train.trainer import RunContext, StopRun, train_stages
+from vlmkit.utils.io import atomic_directory, atomic_write_text
+
+log = logging.getLogger("vlmkit.train")
+
+IMAGE_TOWER_DIR = "image_tower"
+
+
+class CaptionTokens(list):
+    """A caption's token ids, carrying its sample's id (for the trainer's error messages)."""
+
+    def __init__(self, ids: list[int], sample_id: str | None):
+        super().__init__(ids)
+        self.sample_id = sample_id
+
+
+def pair_of(sample: Sample) -> tuple:
+    """``(image reference, caption)`` of a sample: its first image and its last answer."""
+    caption = sample.target_text()
+    if not sample.images:
+        raise BadSampleError("no_image", "a contrastive pair needs an image")
+    if not caption or not caption.strip():
+        raise BadSampleError("no_caption", "a contrastive pair needs an answer (the caption)")
+    return sample.images[0], caption.strip()
+
+
+def make_pair_encoder(tokenizer, processor: ImageProcessor, max_length: int):
+    """``encode(sample, root) -> (CaptionTokens, [pixels [3, S, S]])`` for the trainer."""
+    from vlmkit.models.contrastive import tokenize_texts
+
+    def encode(sample: Sample, root: Path):
+        ref, caption = pair_of(sample)
+        image = load_image(ref, root)  # BadSampleError for a missing or corrupt image
+        ids = tokenize_texts(tokenizer, [caption], max_length)["input_ids"][0].tolist()
+        return CaptionTokens(ids, sample.id), [processor(image)]
+
+    return encode
+
+
+def _tokenizer(recipe: ContrastiveRecipe, sources: dict, data_dir: Path, out_dir: Path):
+    """The text tower's tokenizer: the tiny BPE trained once on the captions (and the world's
+    vocabulary) and kept in ``out_dir/tokenizer``, or the named HF tokenizer."""
+    from vlmkit.data.tokenizer import load_tokenizer
+    from vlmkit.models.contrastive import TEXT_PRESETS, build_text_tokenizer
+
+    text = recipe.model.text
+    if text.name not in TEXT_PRESETS:
+        return build_text_tokenizer(text)
+    tok_dir = out_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        texts = [s.target_text() or "" for src in sources.values() for s in src.samples]
+        if (data_dir / "world.json").exists():
+            from vlmkit.data.worlds.shapes import world_texts
+
+            texts += list(world_texts(data_dir))
+        with atomic_directory(tok_dir) as tmp:
+            build_text_tokenizer(text, texts=texts, out_dir=tmp)
+    return load_tokenizer(tok_dir)[0]
+
+
+def _model(recipe: ContrastiveRecipe, sources: dict, data_dir: Path, out_dir: Path, ckpt: Path | None, quiet: bool):
+    from vlmkit.models.contrastive import build_dual_encoder, load_dual_encoder
+
+    if ckpt is not None:
+        if not quiet:
+            print(f"resuming from {ckpt}")
+            truncate_metrics(out_dir / "metrics.jsonl", int(ckpt.name.split("-")[1]))
+        return load_dual_encoder(ckpt)
+    tokenizer = _tokenizer(recipe, sources, data_dir, out_dir)
+    seed_everything(recipe.seed)  # the same init whether or not the tokenizer was cached
+    return build_dual_encoder(recipe.model, tokenizer), tokenizer
+
+
+def train_contrastive(
+    recipe: ContrastiveRecipe,
+    data_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    max_steps: int | None = None,
+    save_every: int | None = None,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    strategy: str | None = None,
+) -> Path | None:
+    """Train every stage of a contrastive recipe; returns ``out_dir/final`` (``None`` after
+    ``stop_after_steps``). Under torchrun every rank calls this; rank 0 writes."""
+    from vlmkit.data.dataset import load_sources
+    from vlmkit.models.contrastive import export_image_tower, save_dual_encoder
+
+    if strategy == "fsdp":
+        raise ConfigError("--strategy fsdp: contrastive recipes run under DDP (the towers are small)")
+    out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
+    env, device = init_distributed(resolve_device(recipe.train.device))
+    parallel = Parallel(env, run_strategy(recipe.stages, strategy), device)
+    check_run_dir(out, resume)
+    barrier(env)
+    seed_everything(recipe.seed)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if data_dir is None:
+            ensure_world(recipe, out / "world")
+        atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
+    barrier(env)
+    data = Path(data_dir) if data_dir is not None else out / "world"
+
+    bad_log = BadSampleLog(max_fraction=recipe.train.max_bad_fraction)
+    sources = load_sources(recipe.data, data, bad_log, names=used_sources(recipe))
+    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+    if resume and ckpt is None and env.is_main:
+        print(f"no complete checkpoint under {out / 'checkpoints'}: starting from scratch")
+        truncate_metrics(out / "metrics.jsonl", 0)
+    if env.is_main:  # rank 0 first: it trains the tokenizer; the others then read it
+        model, tokenizer = _model(recipe, sources, data, out, ckpt, quiet=False)
+    barrier(env)
+    if not env.is_main:
+        model, tokenizer = _model(recipe, sources, data, out, ckpt, quiet=True)
+    barrier(env)
+    model.to(device)
+    parallel.prepare(model)
+    encode = make_pair_encoder(tokenizer, model.image_processor(), recipe.model.text.max_length)
+
+    def save_model(m, d, state_dict=None):
+        save_dual_encoder(m, tokenizer, d)
+        atomic_write_text(Path(d) / "recipe.yaml", recipe_to_yaml(recipe))
+
+    ctx = RunContext(
+        run_dir=out,
+        bad_log=bad_log,
+        collate_fn=None,  # ContrastiveObjective collates its pairs itself
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        seed=recipe.seed,
+        device=device,
+        checkpoints=CheckpointManager(out / "checkpoints", save_model, keep_last=KEEP_LAST),
+        save_every=save_every if save_every is not None else recipe.train.save_every,
+        max_steps=max_steps,
+        stop_after_steps=stop_after_steps,
+        max_nonfinite_in_a_row=recipe.train.max_nonfinite_in_a_row,
+        parallel=parallel,
+    )
+    if recipe.train.tensorboard and env.is_main:
+        from vlmkit.train.metric_sinks import TensorBoardSink
+
+        purge = int(ckpt.name.split("-")[1]) + 1 if ckpt is not None else None
+        ctx.sinks.append(TensorBoardSink(out / "tensorboard", purge_step=purge))
+    try:
+        train_stages(model, recipe.stages, sources, lambda stage: encode, ctx, resume_from=ckpt)
+    except StopRun as stop:
+        log.warning("%s (stop_after_steps)", stop)
+        return None
+    finally:
+        for sink in ctx.sinks:
+            sink.close()
+    final = out / "final"
+    if env.is_main:
+        with atomic_directory(final) as tmp:
+            save_model(model, tmp)
+            export_image_tower(model, tmp / IMAGE_TOWER_DIR)
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    print(f"bad samples{f' (rank {env.rank})' if env.distributed else ''}: {bad_log.summary()}")
+    barrier(env)
+    return final
