@@ -50,15 +50,26 @@ def raw_problem():
     return x_img, x_txt, params
 
 
-def raw_loss(kind, params, x_img, x_txt, gather, reduction):
+def hard_negatives():
+    """A hard-negative text per row (raw features), the last row without one."""
+    g = torch.Generator().manual_seed(2)
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[-1] = False
+    return torch.randn(N, 7, generator=g, dtype=torch.float64), mask
+
+
+def raw_loss(kind, params, x_img, x_txt, gather, reduction, x_neg=None, neg_mask=None):
     from vlmkit.train.contrastive_losses import clip_loss, siglip_loss
 
     img = F.normalize(x_img @ params["w_img"].T, dim=-1)
     txt = F.normalize(x_txt @ params["w_txt"].T, dim=-1)
+    neg = {}
+    if x_neg is not None:
+        neg = {"negatives": F.normalize(x_neg @ params["w_txt"].T, dim=-1), "negative_mask": neg_mask}
     scale = params["log_scale"].exp().clamp(max=100.0)
     if kind == "clip":
-        return clip_loss(img, txt, scale, gather=gather, reduction=reduction) + 0.0 * params["bias"]
-    return siglip_loss(img, txt, scale, params["bias"], gather=gather, reduction=reduction)
+        return clip_loss(img, txt, scale, gather=gather, reduction=reduction, **neg) + 0.0 * params["bias"]
+    return siglip_loss(img, txt, scale, params["bias"], gather=gather, reduction=reduction, **neg)
 
 
 def dual_encoder(kind):
@@ -121,6 +132,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                         grad = p.grad.clone()
                         dist.all_reduce(grad)
                         results[f"{key}.{name}"] = grad if reduction == "sum" else grad / WORLD
+
+                # NegCLIP hard negatives, gathered like the texts (sum reduction)
+                x_img, x_txt, params = raw_problem()
+                x_neg, neg_mask = hard_negatives()
+                loss = raw_loss(kind, params, x_img[rows], x_txt[rows], True, "sum", x_neg[rows], neg_mask[rows])
+                (loss / N).backward()
+                for name, p in params.items():
+                    grad = p.grad.clone()
+                    dist.all_reduce(grad)
+                    results[f"neg.{kind}.{share}.{name}"] = grad
 
             # a DualEncoder under DDP: each rank runs its 2 rows; DDP averages the gradients
             model = dual_encoder(kind)
@@ -209,3 +230,15 @@ def test_gather_without_a_process_group_is_the_identity():
     img, txt = F.normalize(torch.randn(3, 4), dim=-1), F.normalize(torch.randn(3, 4), dim=-1)
     assert clip_loss(img, txt, 5.0, gather=True) == clip_loss(img, txt, 5.0)
     assert siglip_loss(img, txt, 5.0, -1.0, gather=True) == siglip_loss(img, txt, 5.0, -1.0)
+
+
+@pytest.mark.parametrize("kind,share", [(k, s) for k in ("clip", "siglip") for s in SHARES])
+def test_hard_negative_gradients_equal_one_process(ranks, kind, share):
+    x_img, x_txt, params = raw_problem()
+    x_neg, neg_mask = hard_negatives()
+    raw_loss(kind, params, x_img, x_txt, False, "mean", x_neg, neg_mask).backward()
+    for r, got in enumerate(ranks):
+        for name, p in params.items():
+            if kind == "clip" and name == "bias":
+                continue
+            _close(got[f"neg.{kind}.{share}.{name}"], p.grad, f"rank {r} {name}")

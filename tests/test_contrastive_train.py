@@ -154,3 +154,74 @@ def test_a_vlm_recipe_can_pretrain_its_encoder_contrastively(tiny_world, tmp_pat
     assert vlm.config.vision.name == str(tmp_path / "encoder" / "final" / "image_tower")
     for (name, a), (_, b) in zip(dual.vision.state_dict().items(), vlm.vision.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------ hard negatives (NegCLIP)
+
+
+def test_clip_and_siglip_losses_with_hard_negatives_by_hand():
+    import math
+
+    from vlmkit.train.contrastive_losses import clip_loss, siglip_loss
+
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    neg = torch.tensor([[0.8, 0.6], [1.0, 0.0]])
+    t = 2.0
+    # image 0: texts 0.6, 0.0; negatives 0.8 (own), 1.0 (row 1's); image 1: texts 0.8, 1.0; negatives 0.6, 0.0
+    i2t = [-t * 0.6 + math.log(sum(math.exp(t * v) for v in (0.6, 0.0, 0.8, 1.0))),
+           -t * 1.0 + math.log(sum(math.exp(t * v) for v in (0.8, 1.0, 0.6, 0.0)))]  # fmt: skip
+    # text -> image is unchanged: text 0 against images (0.6, 0.8), text 1 against (0.0, 1.0)
+    t2i = [-t * 0.6 + math.log(math.exp(t * 0.6) + math.exp(t * 0.8)),
+           -t * 1.0 + math.log(math.exp(t * 0.0) + math.exp(t * 1.0))]  # fmt: skip
+    expected = sum(0.5 * (a + b) for a, b in zip(i2t, t2i)) / 2
+    assert float(clip_loss(img, txt, t, negatives=neg)) == pytest.approx(expected, rel=1e-6)
+    # a row without a negative: its column is left out of every image's softmax
+    masked = [-t * 0.6 + math.log(sum(math.exp(t * v) for v in (0.6, 0.0, 0.8))),
+              -t * 1.0 + math.log(sum(math.exp(t * v) for v in (0.8, 1.0, 0.6)))]  # fmt: skip
+    got = clip_loss(img, txt, t, negatives=neg, negative_mask=torch.tensor([True, False]))
+    assert float(got) == pytest.approx(sum(0.5 * (a + b) for a, b in zip(masked, t2i)) / 2, rel=1e-6)
+    # SigLIP: every image against every hard negative is one more negative pair
+    b = -1.0
+    plain = float(siglip_loss(img, txt, t, b))
+    extra = sum(-math.log(1 / (1 + math.exp(t * s + b))) for s in (0.8, 1.0, 0.6, 0.0)) / 2
+    assert float(siglip_loss(img, txt, t, b, negatives=neg)) == pytest.approx(plain + extra, rel=1e-6)
+
+
+def test_a_hard_negative_caption_changes_one_attribute_in_the_same_style(tiny_world):
+    from vlmkit.data.formats.llava import read_llava
+    from vlmkit.data.worlds.shapes import COLORS, SHAPES
+    from vlmkit.train.contrastive_run import hard_negative_caption, pair_of
+
+    samples = [s for s in read_llava(tiny_world / "train.json", root=tiny_world) if s.meta.get("task") == "caption"]
+    for sample in samples:
+        _, caption = pair_of(sample)
+        negative = hard_negative_caption(sample, caption, ["shape", "color"])
+        assert negative is not None and negative != caption
+        assert negative == hard_negative_caption(sample, caption, ["shape", "color"])  # the same on every draw
+        words, changed = caption.split(), negative.split()
+        assert len(words) == len(changed)  # the same style: only a word differs (a/an may follow it)
+        diff = [(a, b) for a, b in zip(words, changed) if a != b and a not in ("a", "an")]
+        assert len(diff) == 1 and {w.strip(",.") for w in diff[0]} <= set(SHAPES) | set(COLORS)
+
+
+def test_training_with_hard_negatives_feeds_them_to_the_loss(tiny_world, tmp_path):
+    from vlmkit.models.contrastive import load_dual_encoder
+    from vlmkit.train.contrastive_run import make_pair_encoder
+    from vlmkit.train.objectives import ContrastiveObjective
+    from vlmkit.config import ContrastiveStageConfig
+    from vlmkit.data.formats.llava import read_llava
+
+    recipe = recipe_from_dict(dual_recipe(steps=2), ["stages.0.contrastive.hard_negatives=true"])
+    final = train(recipe, data_dir=tiny_world, out_dir=tmp_path)
+    model, tok = load_dual_encoder(final)
+    encode = make_pair_encoder(tok, model.image_processor(), 48, ContrastiveStageConfig(hard_negatives=True))
+    samples = [s for s in read_llava(tiny_world / "train.json", root=tiny_world) if s.meta.get("task") == "caption"][:3]
+    objective = ContrastiveObjective("clip")
+    batch = objective.collate([encode(s, tiny_world) for s in samples], None, tok.pad_token_id)
+    assert batch["negative_input_ids"].shape[0] == 3 and bool(batch["negative_mask"].all())
+    with torch.no_grad():
+        with_negatives, n, _ = objective.loss_sum(model, batch)
+        plain = {k: v for k, v in batch.items() if not k.startswith("negative")}
+        without, _, _ = objective.loss_sum(model, plain)
+    assert n == 3 and float(with_negatives) > float(without)  # more negatives: a larger softmax denominator

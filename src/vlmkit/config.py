@@ -36,6 +36,7 @@ class EncoderPretrainConfig(StrictModel):
 
     method: Literal["supervised", "contrastive"] = "supervised"
     loss: Literal["clip", "siglip"] = "clip"  # contrastive only
+    hard_negatives: bool = True  # contrastive only: NegCLIP's one-attribute-changed captions
     steps: int = Field(400, gt=0)
     batch_size: int = Field(32, gt=0)
     lr: float = Field(2e-3, gt=0)
@@ -232,6 +233,16 @@ class DPOConfig(StrictModel):
     reference_free: bool = False  # compare the policy's own log-probabilities, no reference model
 
 
+class ContrastiveStageConfig(StrictModel):
+    """Options of a contrastive stage. ``hard_negatives`` (NegCLIP, Yuksekgonul et al. 2023):
+    each image also meets its own caption with one attribute of one object changed (a shapes-
+    world scene re-captioned with another ``attributes`` value), so colours or positions alone
+    no longer tell the pairs apart; rows without a scene graph get none."""
+
+    hard_negatives: bool = False
+    attributes: list[Literal["shape", "color", "size"]] = Field(default_factory=lambda: ["shape", "color"])
+
+
 # MM1 (McKinzie et al. 2024): captions : interleaved documents : text-only = 5 : 5 : 1
 MM1_PRETRAIN_MIXTURE = {"captions": 5.0, "documents": 5.0, "text": 1.0}
 
@@ -252,6 +263,7 @@ class StageConfig(StrictModel):
     # format); contrastive: CLIP / SigLIP on image-caption pairs (recipes of kind contrastive)
     objective: Literal["next_token", "dpo", "contrastive"] = "next_token"
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    contrastive: ContrastiveStageConfig = Field(default_factory=ContrastiveStageConfig)
     lora: LoRAConfig | None = None  # train the named parts through LoRA adapters
     # what the stage is for (logs, docs, defaults): align | pretrain | highres | instruct | dpo | contrastive
     kind: Literal["align", "pretrain", "highres", "instruct", "dpo", "contrastive"] | None = None

@@ -305,18 +305,39 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_proj(pooled.to(self.text_proj.weight.dtype)), dim=-1)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:  # fmt: skip
+                attention_mask: torch.Tensor | None = None, negative_input_ids: torch.Tensor | None = None,
+                negative_attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:  # fmt: skip
         """Both towers on a batch of pairs: ``{"image_embeds" [B, E], "text_embeds" [B, E],
         "logit_scale" (the clamped scale t, a scalar), "logit_bias" (SigLIP; else None)}`` --
-        what ``contrastive_losses.dual_encoder_loss`` reads."""
-        return {
+        what ``contrastive_losses.dual_encoder_loss`` reads. With ``negative_input_ids``
+        ``[B, L']`` (a hard-negative caption per row) also ``"negative_embeds" [B, E]``: the
+        text tower runs once on captions and negatives together."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        negatives = None
+        if negative_input_ids is not None:
+            if negative_attention_mask is None:
+                negative_attention_mask = torch.ones_like(negative_input_ids)
+            width = max(input_ids.shape[1], negative_input_ids.shape[1])
+            pad = self.text.config.pad_token_id or 0
+            ids = torch.cat([F.pad(input_ids, (0, width - input_ids.shape[1]), value=pad),
+                             F.pad(negative_input_ids, (0, width - negative_input_ids.shape[1]), value=pad)])
+            mask = torch.cat([F.pad(attention_mask, (0, width - attention_mask.shape[1])),
+                              F.pad(negative_attention_mask, (0, width - negative_attention_mask.shape[1]))])  # fmt: skip
+            texts, negatives = self.encode_text(ids, mask).split(input_ids.shape[0])
+        else:
+            texts = self.encode_text(input_ids, attention_mask)
+        out = {
             "image_embeds": self.encode_image(pixel_values),
-            "text_embeds": self.encode_text(input_ids, attention_mask),
+            "text_embeds": texts,
             "logit_scale": self.scale(),
             # a copy, not the parameter itself: DDP (find_unused_parameters) finds the parameters
             # an output depends on through its grad_fn, which a bare leaf does not have
             "logit_bias": self.logit_bias.clone() if self.logit_bias is not None else None,
         }
+        if negatives is not None:
+            out["negative_embeds"] = negatives
+        return out
 
     @torch.no_grad()
     def similarity(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:

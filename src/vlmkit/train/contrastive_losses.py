@@ -138,12 +138,19 @@ def clip_loss(
     *,
     gather: bool = False,
     reduction: Reduction = "mean",
+    negatives: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CLIP's symmetric cross-entropy (Radford et al. 2021) of the rows given.
 
     ``logit_scale`` is the scale ``t`` itself (not its log). With ``gather`` (and a process
     group) the local rows are scored against the gathered global batch; see the module doc for
     how ``reduction`` makes the data-parallel gradient equal the single-process one.
+
+    ``negatives`` ``[n, E]`` (NegCLIP, Yuksekgonul et al. 2023): a hard-negative caption per
+    row, added (over all ranks, like the texts) to the texts every image is contrasted with;
+    ``negative_mask`` ``[n]`` marks the rows that have one (the others' columns are left out).
+    The text -> image direction is unchanged.
     """
     _check(img, txt)
     dtype = _compute_dtype(img, txt)
@@ -158,6 +165,10 @@ def clip_loss(
     targets = torch.arange(offset, offset + n, device=img.device)
     logits_i2t = t * img @ all_txt.T  # [n, N]: local images against every text
     logits_t2i = t * txt @ all_img.T  # [n, N]: local texts against every image
+    if negatives is not None:
+        all_neg, keep = _gathered_negatives(negatives.to(dtype), negative_mask, gather)
+        extra = (t * img @ all_neg.T).masked_fill(~keep[None, :], float("-inf"))  # [n, N]
+        logits_i2t = torch.cat([logits_i2t, extra], dim=1)
     per_row = 0.5 * (
         F.cross_entropy(logits_i2t, targets, reduction="none") + F.cross_entropy(logits_t2i, targets, reduction="none")
     )
@@ -172,6 +183,8 @@ def siglip_loss(
     *,
     gather: bool = False,
     reduction: Reduction = "mean",
+    negatives: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) of the rows (images) given.
 
@@ -190,7 +203,21 @@ def siglip_loss(
     labels = -torch.ones_like(logits)
     labels[torch.arange(n, device=img.device), torch.arange(offset, offset + n, device=img.device)] = 1.0
     per_row = -F.logsigmoid(labels * logits).sum(dim=1)
+    if negatives is not None:  # more negative pairs (label -1): every image against every hard negative
+        all_neg, keep = _gathered_negatives(negatives.to(dtype), negative_mask, gather)
+        extra = -F.logsigmoid(-(t * img @ all_neg.T + b))  # [n, N]
+        per_row = per_row + (extra * keep[None, :].to(dtype)).sum(dim=1)
     return _reduce(per_row, reduction)
+
+
+def _gathered_negatives(negatives: torch.Tensor, mask: torch.Tensor | None, gather: bool):
+    """Hard negatives of all ranks (differentiable) and which of them exist."""
+    if mask is None:
+        mask = torch.ones(negatives.shape[0], dtype=torch.bool, device=negatives.device)
+    if not gather:
+        return negatives, mask.bool()
+    both, _ = gather_features(torch.cat([negatives, mask.to(negatives.dtype)[:, None]], dim=1))
+    return both[:, :-1], both[:, -1] > 0.5
 
 
 def dual_encoder_loss(
@@ -199,12 +226,14 @@ def dual_encoder_loss(
     """The loss of ``DualEncoder.forward``'s outputs (``image_embeds``, ``text_embeds``,
     ``logit_scale``, ``logit_bias``)."""
     img, txt = outputs["image_embeds"], outputs["text_embeds"]
+    neg = {"negatives": outputs.get("negative_embeds"), "negative_mask": outputs.get("negative_mask")}
     if kind == "clip":
-        return clip_loss(img, txt, outputs["logit_scale"], gather=gather, reduction=reduction)
+        return clip_loss(img, txt, outputs["logit_scale"], gather=gather, reduction=reduction, **neg)
     if kind == "siglip":
         if outputs.get("logit_bias") is None:
             raise ValueError("siglip loss: the outputs have no logit_bias (a model built with loss: clip?)")
-        return siglip_loss(img, txt, outputs["logit_scale"], outputs["logit_bias"], gather=gather, reduction=reduction)
+        return siglip_loss(img, txt, outputs["logit_scale"], outputs["logit_bias"], gather=gather, reduction=reduction,
+                           **neg)  # fmt: skip
     raise ValueError(f"loss: expected 'clip' or 'siglip', got {kind!r}")
 
 

@@ -47,11 +47,34 @@ IMAGE_TOWER_DIR = "image_tower"
 
 
 class CaptionTokens(list):
-    """A caption's token ids, carrying its sample's id (for the trainer's error messages)."""
+    """A caption's token ids, carrying its sample's id (for the trainer's error messages) and
+    the ids of its hard-negative caption, if any."""
 
-    def __init__(self, ids: list[int], sample_id: str | None):
+    def __init__(self, ids: list[int], sample_id: str | None, negative: list[int] | None = None):
         super().__init__(ids)
         self.sample_id = sample_id
+        self.negative = negative
+
+
+def hard_negative_caption(sample: Sample, caption: str, attributes: list[str]) -> str | None:
+    """The caption of the sample's scene with one attribute of one object changed, written in
+    the same style as ``caption`` (the world's short or detailed caption); None when the sample
+    has no scene graph or its caption is neither. Drawn from a generator seeded by the sample's
+    id, so a resumed run sees the same negatives."""
+    import random
+
+    from vlmkit.data.worlds.shapes import caption_detailed, caption_short
+    from vlmkit.train.fusion_objectives import perturb_scene
+
+    scene = sample.meta.get("scene")
+    if not scene or not scene.get("objects"):
+        return None
+    style = next((f for f in (caption_short, caption_detailed) if f(scene) == caption), None)
+    if style is None:
+        return None
+    rng = random.Random(f"hard-negative:{sample.id}")
+    changed, _ = perturb_scene(scene, rng.choice(attributes), rng)
+    return style(changed)
 
 
 def pair_of(sample: Sample) -> tuple:
@@ -64,15 +87,22 @@ def pair_of(sample: Sample) -> tuple:
     return sample.images[0], caption.strip()
 
 
-def make_pair_encoder(tokenizer, processor: ImageProcessor, max_length: int):
-    """``encode(sample, root) -> (CaptionTokens, [pixels [3, S, S]])`` for the trainer."""
+def make_pair_encoder(tokenizer, processor: ImageProcessor, max_length: int, options=None):
+    """``encode(sample, root) -> (CaptionTokens, [pixels [3, S, S]])`` for the trainer;
+    ``options`` (a stage's ``ContrastiveStageConfig``) may ask for hard negatives."""
     from vlmkit.models.contrastive import tokenize_texts
+
+    def ids_of(text: str) -> list[int]:
+        return tokenize_texts(tokenizer, [text], max_length)["input_ids"][0].tolist()
 
     def encode(sample: Sample, root: Path):
         ref, caption = pair_of(sample)
         image = load_image(ref, root)  # BadSampleError for a missing or corrupt image
-        ids = tokenize_texts(tokenizer, [caption], max_length)["input_ids"][0].tolist()
-        return CaptionTokens(ids, sample.id), [processor(image)]
+        negative = None
+        if options is not None and options.hard_negatives:
+            text = hard_negative_caption(sample, caption, options.attributes)
+            negative = ids_of(text) if text is not None else None
+        return CaptionTokens(ids_of(caption), sample.id, negative), [processor(image)]
 
     return encode
 
@@ -156,7 +186,8 @@ def train_contrastive(
     barrier(env)
     model.to(device)
     parallel.prepare(model)
-    encode = make_pair_encoder(tokenizer, model.image_processor(), recipe.model.text.max_length)
+    def encode_for(stage):
+        return make_pair_encoder(tokenizer, model.image_processor(), recipe.model.text.max_length, stage.contrastive)
 
     def save_model(m, d, state_dict=None):
         save_dual_encoder(m, tokenizer, d)
@@ -182,7 +213,7 @@ def train_contrastive(
         purge = int(ckpt.name.split("-")[1]) + 1 if ckpt is not None else None
         ctx.sinks.append(TensorBoardSink(out / "tensorboard", purge_step=purge))
     try:
-        train_stages(model, recipe.stages, sources, lambda stage: encode, ctx, resume_from=ckpt)
+        train_stages(model, recipe.stages, sources, encode_for, ctx, resume_from=ckpt)
     except StopRun as stop:
         log.warning("%s (stop_after_steps)", stop)
         return None

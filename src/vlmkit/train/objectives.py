@@ -161,16 +161,27 @@ class ContrastiveObjective:
     def has_images(self, item) -> bool:
         return True
 
+    @staticmethod
+    def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return ids, mask
+
     def collate(self, items: list, collate_fn, pad_id: int) -> dict:
-        width = max(len(ids) for ids, _ in items)
-        input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(items):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, : len(ids)] = 1
+        input_ids, attention_mask = self._pad([list(ids) for ids, _ in items], pad_id)
         pixels = torch.stack([pxs[0] for _, pxs in items])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels,
-                "sample_ids": [getattr(ids, "sample_id", None) for ids, _ in items]}  # fmt: skip
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels,
+                 "sample_ids": [getattr(ids, "sample_id", None) for ids, _ in items]}  # fmt: skip
+        negatives = [getattr(ids, "negative", None) for ids, _ in items]
+        if any(neg is not None for neg in negatives):  # hard negatives (NegCLIP); [pad] where a row has none
+            batch["negative_input_ids"], batch["negative_attention_mask"] = self._pad(
+                [neg if neg is not None else [pad_id] for neg in negatives], pad_id)
+            batch["negative_mask"] = torch.tensor([neg is not None for neg in negatives])
+        return batch
 
     def count(self, batch: dict) -> int:
         return int(batch["input_ids"].shape[0])
@@ -184,7 +195,10 @@ class ContrastiveObjective:
         from vlmkit.train.contrastive_losses import dual_encoder_loss, in_batch_accuracy
 
         out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"])  # fmt: skip
+                    attention_mask=batch["attention_mask"], negative_input_ids=batch.get("negative_input_ids"),
+                    negative_attention_mask=batch.get("negative_attention_mask"))  # fmt: skip
+        if "negative_mask" in batch:
+            out["negative_mask"] = batch["negative_mask"]
         gather = dist.is_available() and dist.is_initialized()  # outside the model: DDP's forward ends above
         loss = dual_encoder_loss(out, self.loss, gather=gather, reduction="sum")
         n = self.count(batch)

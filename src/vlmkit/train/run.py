@@ -199,13 +199,21 @@ def with_pretrained_encoder(recipe: Recipe, data_dir: Path, encoder_dir: Path) -
 def contrastive_encoder_recipe(recipe: Recipe):
     """The dual-encoder recipe that pre-trains ``recipe``'s image encoder contrastively on the
     world's captions (``model.vision.pretrain.method: contrastive``)."""
-    from vlmkit.config import ContrastiveRecipe, DataSource, DualEncoderConfig, StageConfig, TrainConfig
+    from vlmkit.config import (
+        ContrastiveRecipe,
+        ContrastiveStageConfig,
+        DataSource,
+        DualEncoderConfig,
+        StageConfig,
+        TrainConfig,
+    )
 
     vision = recipe.model.vision
     p = vision.pretrain
     stage = StageConfig(name="contrastive", kind="contrastive", objective="contrastive", data={"captions": 1.0},
                         trainable=["vision", "text", "*_proj.*", "logit_*"], lr=p.lr, batch_size=p.batch_size,
-                        steps=p.steps, warmup_steps=min(50, p.steps // 10), log_every=25)  # fmt: skip
+                        steps=p.steps, warmup_steps=min(50, p.steps // 10), log_every=25,
+                        contrastive=ContrastiveStageConfig(hard_negatives=p.hard_negatives))  # fmt: skip
     return ContrastiveRecipe(
         kind="contrastive", name=f"{recipe.name}-encoder", seed=recipe.seed,
         model=DualEncoderConfig(vision=vision.model_copy(update={"pretrain": None}), loss=p.loss),
