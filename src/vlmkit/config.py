@@ -394,23 +394,34 @@ def _check_stage_names(v: list[StageConfig]) -> list[StageConfig]:
     return v
 
 
-class Recipe(StrictModel):
-    """A vision-language model trained in stages (``kind: vlm``, the default)."""
+class _StagedRecipe(StrictModel):
+    """What every recipe has: a name, a seed, data sources and an ordered list of stages."""
 
-    kind: Literal["vlm"] = "vlm"
     name: str
     seed: int = 0
-    model: ModelConfig = Field(default_factory=ModelConfig)
     data: dict[str, DataSource]
     stages: list[StageConfig]
     train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
     world: WorldConfig = Field(default_factory=WorldConfig)
 
     @field_validator("stages")
     @classmethod
     def _nonempty(cls, v: list[StageConfig]) -> list[StageConfig]:
         return _check_stage_names(v)
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+class Recipe(_StagedRecipe):
+    """A vision-language model trained in stages (``kind: vlm``, the default)."""
+
+    kind: Literal["vlm"] = "vlm"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _sources_exist(self) -> "Recipe":
@@ -420,31 +431,14 @@ class Recipe(StrictModel):
         _check_sources(self.stages, self.data)
         return self
 
-    def stage(self, name: str) -> StageConfig:
-        for s in self.stages:
-            if s.name == name:
-                return s
-        raise KeyError(name)
 
-
-class ContrastiveRecipe(StrictModel):
+class ContrastiveRecipe(_StagedRecipe):
     """A CLIP / SigLIP dual encoder (``models.contrastive``) trained on image-caption pairs
     (``kind: contrastive``): the same stages, checkpoints, resume, logging and bad-input
     handling as a VLM recipe; every stage's objective is ``contrastive``."""
 
     kind: Literal["contrastive"]
-    name: str
-    seed: int = 0
     model: DualEncoderConfig = Field(default_factory=DualEncoderConfig)
-    data: dict[str, DataSource]
-    stages: list[StageConfig]
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    world: WorldConfig = Field(default_factory=WorldConfig)
-
-    @field_validator("stages")
-    @classmethod
-    def _nonempty(cls, v: list[StageConfig]) -> list[StageConfig]:
-        return _check_stage_names(v)
 
     @model_validator(mode="after")
     def _contrastive_stages(self) -> "ContrastiveRecipe":
@@ -458,12 +452,6 @@ class ContrastiveRecipe(StrictModel):
                 raise ValueError(f"stages.{i}.image_size: set model.vision.image_size for a dual encoder")
         _check_sources(self.stages, self.data)
         return self
-
-    def stage(self, name: str) -> StageConfig:
-        for s in self.stages:
-            if s.name == name:
-                return s
-        raise KeyError(name)
 
 
 # ------------------------------------------------------------------ loading and overrides
@@ -575,5 +563,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe | Contras
     return recipe_from_dict(tree, overrides, source=str(path))
 
 
-def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+RECIPE_KEY_ORDER = ("kind", "name", "seed", "model", "world", "data", "stages", "train", "eval")
+
+
+def recipe_to_yaml(recipe: Recipe | ContrastiveRecipe) -> str:
+    tree = recipe.model_dump(mode="json")
+    ordered = {k: tree[k] for k in RECIPE_KEY_ORDER if k in tree}
+    ordered.update({k: v for k, v in tree.items() if k not in ordered})
+    return yaml.safe_dump(ordered, sort_keys=False)
