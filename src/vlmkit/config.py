@@ -240,7 +240,8 @@ class ContrastiveStageConfig(StrictModel):
     no longer tell the pairs apart; rows without a scene graph get none."""
 
     hard_negatives: bool = False
-    attributes: list[Literal["shape", "color", "size"]] = Field(default_factory=lambda: ["shape", "color"])
+    # shape only by default: the world's colours are learned without help, shapes last (docs/contrastive.md)
+    attributes: list[Literal["shape", "color", "size"]] = Field(default_factory=lambda: ["shape"])
 
 
 # MM1 (McKinzie et al. 2024): captions : interleaved documents : text-only = 5 : 5 : 1
