@@ -58,3 +58,13 @@ def tiny_run(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     final = train(recipe_from_dict(tiny_recipe_dict()), data_dir=tiny_world, out_dir=out)
     return out, final
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread. On a shared 2-core machine two OpenMP threads wait on
+    each other's barriers and a step can take 10-100x longer; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

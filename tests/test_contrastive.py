@@ -32,14 +32,7 @@ from vlmkit.models.vision import build_vision_encoder
 from vlmkit.train.contrastive_losses import clip_loss, dual_encoder_loss, in_batch_accuracy, siglip_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On a shared 2-core machine two OpenMP threads wait on
-    each other's barriers and a step can take 100x longer; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------- hand-computed losses
 

@@ -332,16 +332,6 @@ def test_fusion_loss_parts():
     assert float(none_masked) == 0.0 and parts["mlm_tokens"] == 0
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy shared machine two OpenMP
-    threads waiting on each other make each step many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_train_fusion_loss_decreases_and_checkpoint_evaluates(tiny_world, tmp_path, one_thread):
     final = train_fusion(tiny_world, tmp_path / "run", steps=40, batch_size=8, lr=3e-3, seed=0,
                          model={**TINY, "max_text_len": 128},

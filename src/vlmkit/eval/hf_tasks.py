@@ -40,7 +40,8 @@ from vlmkit.eval.metrics.anls import ANLS_THRESHOLD, anls_score
 from vlmkit.eval.metrics.exact import accuracy_by_type
 from vlmkit.eval.metrics.grounding import IOU_THRESHOLD, box_iou, grounding_metrics
 from vlmkit.eval.metrics.relaxed import relaxed_correct
-from vlmkit.eval.tasks import ItemRecord, TaskDef, target_box, target_of
+from vlmkit.eval.tasks import ItemRecord, TaskDef, target_of
+from vlmkit.eval.tasks import _agg_grounding, _score_grounding  # RefCOCO scores like the world's grounding
 
 LAYOUT_TASKS = {"vqav2": "benchmark_vqa", "textvqa": "benchmark_vqa", "docvqa": "benchmark_anls",
                 "chartqa": "benchmark_relaxed", "coco_caption": "benchmark_caption",
@@ -156,17 +157,6 @@ def _agg_caption(rows: list[ItemRecord]) -> dict:
 
 def _extract_box(sample: Sample, prediction: str, ctx: dict) -> Extraction:
     return extract(prediction, "grounding", kind="box")
-
-
-def _score_grounding(sample: Sample, ex: Extraction) -> dict:
-    pred = Box.parse(ex.answer) if ex.answer else None
-    iou = box_iou(pred, target_box(sample))
-    return {"score": float(iou >= IOU_THRESHOLD - 1e-9), "extra": {"iou": iou}}
-
-
-def _agg_grounding(rows: list[ItemRecord]) -> dict:
-    ious = [float((r.get("extra") or {}).get("iou", 0.0)) for r in rows]
-    return grounding_metrics(ious, n_unparsed=sum(1 for r in rows if r["extracted"] is None))
 
 
 HF_TASKS: dict[str, TaskDef] = {

@@ -26,19 +26,19 @@ from vlmkit.config import ConfigError, ContrastiveRecipe, recipe_to_yaml
 from vlmkit.data.bad_samples import BadSampleError, BadSampleLog
 from vlmkit.data.images import ImageProcessor, load_image
 from vlmkit.data.sample import Sample
-from vlmkit.train.checkpoints import CheckpointManager, latest_checkpoint
+from vlmkit.train.checkpoints import latest_checkpoint
 from vlmkit.train.parallel import Parallel, barrier, init_distributed, run_strategy
 from vlmkit.train.run import (
-    KEEP_LAST,
     check_run_dir,
     ensure_world,
     plot_losses,
     resolve_device,
+    run_context,
     seed_everything,
     truncate_metrics,
     used_sources,
 )
-from vlmkit.train.trainer import RunContext, StopRun, train_stages
+from vlmkit.train.trainer import StopRun, train_stages
 from vlmkit.utils.io import atomic_directory, atomic_write_text
 
 log = logging.getLogger("vlmkit.train")
@@ -193,25 +193,9 @@ def train_contrastive(
         save_dual_encoder(m, tokenizer, d)
         atomic_write_text(Path(d) / "recipe.yaml", recipe_to_yaml(recipe))
 
-    ctx = RunContext(
-        run_dir=out,
-        bad_log=bad_log,
-        collate_fn=None,  # ContrastiveObjective collates its pairs itself
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        seed=recipe.seed,
-        device=device,
-        checkpoints=CheckpointManager(out / "checkpoints", save_model, keep_last=KEEP_LAST),
-        save_every=save_every if save_every is not None else recipe.train.save_every,
-        max_steps=max_steps,
-        stop_after_steps=stop_after_steps,
-        max_nonfinite_in_a_row=recipe.train.max_nonfinite_in_a_row,
-        parallel=parallel,
-    )
-    if recipe.train.tensorboard and env.is_main:
-        from vlmkit.train.metric_sinks import TensorBoardSink
-
-        purge = int(ckpt.name.split("-")[1]) + 1 if ckpt is not None else None
-        ctx.sinks.append(TensorBoardSink(out / "tensorboard", purge_step=purge))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ctx = run_context(recipe, out, bad_log, save_model, parallel, ckpt, collate_fn=None, pad_id=pad_id,
+                      save_every=save_every, max_steps=max_steps, stop_after_steps=stop_after_steps)  # fmt: skip
     try:
         train_stages(model, recipe.stages, sources, encode_for, ctx, resume_from=ckpt)
     except StopRun as stop:

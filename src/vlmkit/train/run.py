@@ -339,6 +339,38 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     return out_png
 
 
+def run_context(recipe, out: Path, bad_log: BadSampleLog, save_model, parallel: Parallel, ckpt: Path | None, *,
+                collate_fn, pad_id: int, save_every: int | None, max_steps: int | None,
+                stop_after_steps: int | None) -> RunContext:  # fmt: skip
+    """The stage loop's context for a run of any recipe kind, with its metric sinks (TensorBoard,
+    Weights & Biases) on the main rank."""
+    env = parallel.env
+    ctx = RunContext(
+        run_dir=out,
+        bad_log=bad_log,
+        collate_fn=collate_fn,
+        pad_id=pad_id,
+        seed=recipe.seed,
+        device=parallel.device,
+        checkpoints=CheckpointManager(out / "checkpoints", save_model, keep_last=KEEP_LAST),
+        save_every=save_every if save_every is not None else recipe.train.save_every,
+        max_steps=max_steps,
+        stop_after_steps=stop_after_steps,
+        max_nonfinite_in_a_row=recipe.train.max_nonfinite_in_a_row,
+        parallel=parallel,
+    )
+    if recipe.train.tensorboard and env.is_main:
+        from vlmkit.train.metric_sinks import TensorBoardSink
+
+        purge = int(ckpt.name.split("-")[1]) + 1 if ckpt is not None else None
+        ctx.sinks.append(TensorBoardSink(out / "tensorboard", purge_step=purge))
+    if recipe.train.wandb is not None and env.is_main:
+        from vlmkit.train.metric_sinks import WandbSink
+
+        ctx.sinks.append(WandbSink(recipe.train.wandb.project, recipe.name, recipe.model_dump(mode="json"), out))
+    return ctx
+
+
 def train(
     recipe: Recipe,
     data_dir: str | Path | None = None,
@@ -400,29 +432,9 @@ def train(
     def save_model(m, d, state_dict=None):
         save_checkpoint(m, tokenizer, d, recipe=recipe, state_dict=state_dict)
 
-    ctx = RunContext(
-        run_dir=out,
-        bad_log=bad_log,
-        collate_fn=collate,
-        pad_id=template.pad_token_id,
-        seed=recipe.seed,
-        device=device,
-        checkpoints=CheckpointManager(out / "checkpoints", save_model, keep_last=KEEP_LAST),
-        save_every=save_every if save_every is not None else recipe.train.save_every,
-        max_steps=max_steps,
-        stop_after_steps=stop_after_steps,
-        max_nonfinite_in_a_row=recipe.train.max_nonfinite_in_a_row,
-        parallel=parallel,
-    )
-    if recipe.train.tensorboard and env.is_main:
-        from vlmkit.train.metric_sinks import TensorBoardSink
-
-        purge = int(ckpt.name.split("-")[1]) + 1 if ckpt is not None else None
-        ctx.sinks.append(TensorBoardSink(out / "tensorboard", purge_step=purge))
-    if recipe.train.wandb is not None and env.is_main:
-        from vlmkit.train.metric_sinks import WandbSink
-
-        ctx.sinks.append(WandbSink(recipe.train.wandb.project, recipe.name, recipe.model_dump(mode="json"), out))
+    ctx = run_context(recipe, out, bad_log, save_model, parallel, ckpt, collate_fn=collate,
+                      pad_id=template.pad_token_id, save_every=save_every, max_steps=max_steps,
+                      stop_after_steps=stop_after_steps)  # fmt: skip
     try:
         train_stages(model, recipe.stages, sources, make_encode, ctx, resume_from=ckpt)
     except StopRun as stop:
