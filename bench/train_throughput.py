@@ -3,6 +3,8 @@
     python bench/train_throughput.py [--batch 16] [--steps 40] [--warmup 3] [--pack-tokens 256]
         [--llm-hidden 256] [--llm-layers 4] [--vision-patch 16] [--threads N]
         [--device cpu|cuda] [--json-out docs/data/train_throughput_cpu.json]
+        [--vision-type vit|siglip] [--llm-kv-heads K] [--attn sdpa|varlen] [--compile]
+        [--skip-alone] [--reuse-prepared]    (the GPU runs: bench/gpu_packed_mfu.sh)
 
 What is compared: the same model, the same weights, the same samples in the same order, trained
 with the same optimizer (``torch.optim.AdamW``, lr 1e-4, betas (0.9, 0.95), no weight decay, no
@@ -118,7 +120,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--llm-hidden", type=int, default=256)
     p.add_argument("--llm-layers", type=int, default=4)
     p.add_argument("--llm-heads", type=int, default=4)
+    p.add_argument("--llm-kv-heads", type=int, default=None, help="grouped-query attention; default: --llm-heads")
     p.add_argument("--llm-intermediate", type=int, default=None, help="default: 3 x --llm-hidden")
+    p.add_argument("--vision-type", default="vit", choices=("vit", "siglip"),
+                   help="vit: the tiny-vit preset (CLIP tower, CLS token); siglip: a SiglipVisionModel saved "
+                        "locally and loaded by path, as a hub checkpoint is (no CLS token)")
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "varlen"),
+                   help="the vlmkit variants' LLM attention (llm.attn_implementation); hf-llava always uses sdpa")
+    p.add_argument("--compile", action="store_true", help="vlmkit variants: torch.compile each block (train.compile)")
+    p.add_argument("--skip-alone", action="store_true",
+                   help="no separate run per variant; peak memory is then the interleaved process's")
+    p.add_argument("--reuse-prepared", action="store_true",
+                   help="keep --work's world, checkpoint and samples when they were made with the same model and data "
+                        "options (the GPU runs compare attention kernels and compilation on one preparation)")
     p.add_argument("--world-train", type=int, default=600, help="scenes in the generated world")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every variant")
@@ -130,6 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.llm_intermediate is None:
         args.llm_intermediate = 3 * args.llm_hidden
+    if args.llm_kv_heads is None:
+        args.llm_kv_heads = args.llm_heads
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
@@ -181,20 +197,37 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 5, trials: int = 5) -> 
 # ---------------------------------------------------------------------- preparation (once)
 
 
-def bench_recipe(args):
+def siglip_tower(args, work: Path) -> Path:
+    """A SigLIP vision tower of the options' sizes, random weights, saved as a hub checkpoint is."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    path = work / "siglip-vision"
+    if not (path / "config.json").exists():
+        heads = max(1, args.vision_hidden // 64)
+        config = SiglipVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
+                                    num_hidden_layers=args.vision_layers, num_attention_heads=heads,
+                                    image_size=args.image_size, patch_size=args.vision_patch)  # fmt: skip
+        SiglipVisionModel(config).save_pretrained(path)
+    return path
+
+
+def bench_recipe(args, work: Path):
     """The repository's shapes-tiny recipe with this benchmark's model."""
     import vlmkit
     from vlmkit.config import load_recipe, recipe_from_dict
 
     tree = load_recipe(Path(vlmkit.__file__).parent / "recipes" / "shapes-tiny.yaml").model_dump(mode="json")
-    tree["model"]["vision"] = {"name": "tiny-vit", "image_size": args.image_size,
-                               "overrides": {"patch_size": args.vision_patch, "hidden_size": args.vision_hidden,
-                                             "intermediate_size": 4 * args.vision_hidden,
-                                             "num_hidden_layers": args.vision_layers}}  # fmt: skip
-    tree["model"]["llm"] = {"name": "tiny-llama",
+    if args.vision_type == "siglip":
+        tree["model"]["vision"] = {"name": str(siglip_tower(args, work).resolve()), "image_size": args.image_size}
+    else:
+        tree["model"]["vision"] = {"name": "tiny-vit", "image_size": args.image_size,
+                                   "overrides": {"patch_size": args.vision_patch, "hidden_size": args.vision_hidden,
+                                                 "intermediate_size": 4 * args.vision_hidden,
+                                                 "num_hidden_layers": args.vision_layers}}  # fmt: skip
+    tree["model"]["llm"] = {"name": "tiny-llama", "attn_implementation": args.attn,
                             "overrides": {"hidden_size": args.llm_hidden, "intermediate_size": args.llm_intermediate,
                                           "num_hidden_layers": args.llm_layers, "num_attention_heads": args.llm_heads,
-                                          "num_key_value_heads": args.llm_heads}}  # fmt: skip
+                                          "num_key_value_heads": args.llm_kv_heads}}  # fmt: skip
     tree["world"] = {**tree["world"], "train": args.world_train, "test": 1, "seed": 0, "size": args.image_size}
     for stage in tree["stages"]:
         stage["max_seq_len"] = args.max_len or stage["max_seq_len"]
@@ -231,7 +264,7 @@ def prepare(args, work: Path) -> dict:
     from vlmkit.models.vlm import VisionLanguageModel
     from vlmkit.train.run import build_tokenizer, make_encoder, seed_everything
 
-    recipe = bench_recipe(args)
+    recipe = bench_recipe(args, work)
     stage = next(s for s in recipe.stages if s.name == "instruct")
     if args.pack_tokens < stage.max_seq_len:
         raise SystemExit(f"--pack-tokens {args.pack_tokens} is below the longest sample allowed ({stage.max_seq_len})")
@@ -244,7 +277,8 @@ def prepare(args, work: Path) -> dict:
     seed_everything(args.seed)
     model = VisionLanguageModel.from_config(recipe.model, tokenizer)
     ckpt = save_checkpoint(model, tokenizer, work / "ckpt", recipe=recipe)
-    export_checkpoint(ckpt, work / "hf", format="hf-llava", overwrite=True)
+    if "hf-llava" in args.variants.split(","):
+        export_checkpoint(ckpt, work / "hf", format="hf-llava", overwrite=True)
     template, encode_for = make_encoder(recipe, model, tokenizer)
     n = (args.warmup + args.steps) * args.batch
     samples, skipped = encode_samples(stage, sources, encode_for(stage), n, recipe.seed)
@@ -269,7 +303,7 @@ def load_items(work: Path):
 
     from vlmkit.data.template import Encoded
 
-    data = torch.load(work / "samples.pt", weights_only=False)
+    data = torch.load(work / "samples.pt", weights_only=True)  # our own tensors and lists: no pickled code
     items = [Encoded(s["input_ids"], s["labels"], s["n_images"], s["sample_id"]) for s in data["samples"]]
     return items, [s["pixels"] for s in data["samples"]], data["pad_id"]
 
@@ -298,7 +332,18 @@ def batch_counts(batch: dict, tokens_per_image: int, vision_seq: int) -> dict:
             "image_tokens": n_images * tokens_per_image, "vision_tokens": n_images * vision_seq}  # fmt: skip
 
 
-def load_model(variant: str, work: Path, device, loss_chunk_tokens: int | None):
+def use_attention(model, attn: str) -> None:
+    """Switch the LLM's attention kernel after loading (a reused preparation may have been
+    saved with another ``--attn``); the weights are the same."""
+    from vlmkit.models.varlen_attention import hf_attn_implementation
+
+    llm_cfg = model.config.llm.model_copy(update={"attn_implementation": attn})
+    model.config = model.config.model_copy(update={"llm": llm_cfg})
+    model.llm.set_attn_implementation(hf_attn_implementation(llm_cfg))
+
+
+def load_model(variant: str, work: Path, device, loss_chunk_tokens: int | None, attn: str = "sdpa",
+               compile_blocks: bool = False):  # fmt: skip
     """(model, step function ``batch -> loss tensor``) of the variant."""
     import torch
 
@@ -315,6 +360,11 @@ def load_model(variant: str, work: Path, device, loss_chunk_tokens: int | None):
         from vlmkit.models.checkpoint_io import load_checkpoint
 
         model, _ = load_checkpoint(work / "ckpt", device=device)
+        use_attention(model, attn)
+        if compile_blocks:
+            from vlmkit.train.run import compile_blocks as compile_each_block
+
+            compile_each_block(model)
 
         def forward(batch):
             out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
@@ -354,8 +404,11 @@ class Variant:
         self.batches = make_batches(name, items, pixels, pad_id, args)
         self.collate_s = time.perf_counter() - t0
         self.counts = [batch_counts(b, setup["tokens_per_image"], setup["vision_seq"]) for b in self.batches]
-        self.model, self.forward = load_model(name, work, self.device, args.loss_chunk_tokens or None)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
+        self.model, self.forward = load_model(name, work, self.device, args.loss_chunk_tokens or None, args.attn,
+                                              args.compile)  # fmt: skip
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for all tensors (GPU only)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0,
+                                           **fused)  # fmt: skip
         self.times: list[float] = []
         self.phases: list[tuple[float, float, float]] = []  # forward, backward, optimizer seconds
         self.losses: list[float] = []
@@ -430,6 +483,11 @@ def run_interleaved(args) -> dict:
     for v in variants:  # the same weights and data: the losses must agree step by step
         diff = max(abs(a - b) for a, b in zip(v.losses, ref.losses))
         out[v.name]["loss_max_abs_diff_vs_" + ref.name] = round(diff, 6)
+    if args.device == "cuda":  # every variant of this process together (one variant: its own peak)
+        import torch
+
+        for v in variants:
+            out[v.name]["interleaved_peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
 
@@ -476,6 +534,25 @@ def with_mfu(row: dict, params: dict, peak: float) -> dict:
 # ---------------------------------------------------------------------- driver
 
 
+PREPARATION_OPTIONS = ("batch", "steps", "warmup", "pack_tokens", "max_len", "image_size", "vision_patch",
+                       "vision_hidden", "vision_layers", "vision_type", "llm_hidden", "llm_layers", "llm_heads",
+                       "llm_kv_heads", "llm_intermediate", "world_train", "seed")  # fmt: skip
+
+
+def preparation_key(args) -> dict:
+    """The options that change the world, the model or the encoded samples."""
+    return {k: getattr(args, k) for k in PREPARATION_OPTIONS}
+
+
+def reusable_setup(work: Path, key: dict) -> dict | None:
+    try:
+        setup = json.loads((work / "setup.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = setup.get("prepared_with") == key and (work / "ckpt").exists() and (work / "samples.pt").exists()
+    return setup if ok else None
+
+
 def run_child(argv: list[str], child: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", child]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -501,10 +578,18 @@ def main(argv=None) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    setup = prepare(args, work)
-    vision_seq = (args.image_size // args.vision_patch) ** 2 + 1  # patches + CLS
-    setup.update(vision_seq=vision_seq, prepare_s=round(time.perf_counter() - t0, 1))
-    (work / "setup.json").write_text(json.dumps(setup))
+    key = preparation_key(args)
+    setup = reusable_setup(work, key) if args.reuse_prepared else None
+    if setup is None:
+        setup = prepare(args, work)
+        cls = 0 if args.vision_type == "siglip" else 1  # a CLIP ViT adds a CLS token, SigLIP none
+        vision_seq = (args.image_size // args.vision_patch) ** 2 + cls
+        setup.update(vision_seq=vision_seq, prepare_s=round(time.perf_counter() - t0, 1), prepared_with=key)
+        (work / "setup.json").write_text(json.dumps(setup))
+    elif "hf-llava" in args.variants.split(",") and not (work / "hf").exists():
+        from vlmkit.models.export import export_checkpoint
+
+        export_checkpoint(work / "ckpt", work / "hf", format="hf-llava", overwrite=True)
     machine = {**machine_info(args), "loadavg_1min_at_start": load_at_start}
     peak_before = None if args.device == "cuda" else matmul_peak(args.threads)
     print(json.dumps({"bench": "train_throughput", "machine": machine,
@@ -512,7 +597,12 @@ def main(argv=None) -> None:
                       "setup": setup}), flush=True)  # fmt: skip
     variants = args.variants.split(",")
     timed = run_child(argv, "interleaved")
-    alone = {v: run_child(argv, f"alone:{v}") for v in variants}
+    if args.skip_alone:
+        alone = {v: {"peak_mem_mib": timed[v].pop("interleaved_peak_mem_mib", None),
+                     "peak_mem_kind": "cuda_max_allocated, interleaved process" if args.device == "cuda" else None}
+                 for v in variants}  # fmt: skip
+    else:
+        alone = {v: run_child(argv, f"alone:{v}") for v in variants}
     if args.device == "cuda":
         peak, machine["peak"] = args.peak_tflops * 1e12, f"{args.peak_tflops:g} TFLOP/s bf16 (--peak-tflops)"
     else:  # the matmul rate before and after the runs (they differ when the machine was shared); MFU uses the best

@@ -89,8 +89,11 @@ def test_two_ranks_train_like_one_process(strategy, tiny_world, tmp_path, single
 
     ref, _ = load_checkpoint(single_process_run / "final")
     got, _ = load_checkpoint(out / "final")  # FSDP: gathered from the shards
+    # atol: Adam divides by the gradient's own magnitude, so where a gradient is near zero the
+    # ranks' different summation order can move a weight by a fraction of the learning rate
+    # (3e-3 per step; 2e-4 seen after 12 steps); a wrong gradient would move it by steps of lr
     for (name, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=5e-4, msg=name)
 
 
 def test_two_rank_fsdp_run_resumes_to_the_same_losses(tiny_world, tmp_path):

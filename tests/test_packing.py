@@ -77,7 +77,8 @@ def _per_sample_losses(logits, labels, owner, n_items):
     return torch.stack([tok[who == i].sum() for i in range(n_items)])
 
 
-@pytest.mark.parametrize("attn,one_row", [("sdpa", False), ("eager", False), ("sdpa", True)])
+@pytest.mark.parametrize("attn,one_row", [("sdpa", False), ("eager", False), ("sdpa", True), ("varlen", False),
+                                          ("varlen", True)])  # fmt: skip
 def test_packed_and_unpacked_give_the_same_per_sample_losses(attn, one_row):
     """Rows under a budget (SDPA, eager), or every sample in one row (the flash-attention
     varlen layout, checked here with SDPA's block-diagonal mask)."""

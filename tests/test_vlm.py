@@ -168,3 +168,18 @@ def test_output_norm_puts_images_on_text_scale():
     with torch.no_grad():
         img = model.encode_images(_images(2))
     assert torch.allclose(img.pow(2).mean(-1).sqrt(), text_rms.expand(2, 16), rtol=1e-3)
+
+
+def test_tiny_llama_overrides_shape_the_attention_heads():
+    """Overriding the width re-derives the head size (it once stayed at the preset's 32)."""
+    from _model_helpers import tiny_tokenizer
+    from vlmkit.models.vlm import tiny_llama_config
+
+    cfg = tiny_llama_config(tiny_tokenizer(), {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2})
+    assert cfg.head_dim == 64
+    from transformers import LlamaForCausalLM
+
+    attn = LlamaForCausalLM(cfg).model.layers[0].self_attn
+    assert tuple(attn.q_proj.weight.shape) == (256, 256) and tuple(attn.k_proj.weight.shape) == (128, 256)
+    with pytest.raises(ValueError, match="no field 'hidden_sise'"):
+        tiny_llama_config(tiny_tokenizer(), {"hidden_sise": 256})

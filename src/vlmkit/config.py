@@ -123,8 +123,10 @@ class LLMConfig(StrictModel):
     name: str = "tiny-llama"
     overrides: dict[str, Any] = Field(default_factory=dict)
     # transformers' attention kernel: "sdpa" (PyTorch's fused kernels, FlashAttention on GPUs
-    # that have it), "eager" (plain matmuls), or "flash_attention_2" (needs the flash-attn package)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # that have it), "eager" (plain matmuls), "flash_attention_2" (needs the flash-attn package),
+    # or "varlen": packed rows through PyTorch's own varlen FlashAttention, SDPA otherwise
+    # (models/varlen_attention.py)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "varlen"] = "sdpa"
 
 
 class ModelConfig(StrictModel):
@@ -240,6 +242,9 @@ class ContrastiveStageConfig(StrictModel):
     no longer tell the pairs apart; rows without a scene graph get none."""
 
     hard_negatives: bool = False
+    # hard-negative captions per image, each a different change (more of them: more of the
+    # softmax spent on the attribute; docs/contrastive.md)
+    negatives_per_caption: int = Field(default=1, ge=1, le=8)
     # shape only by default: the world's colours are learned without help, shapes last (docs/contrastive.md)
     attributes: list[Literal["shape", "color", "size"]] = Field(default_factory=lambda: ["shape"])
 

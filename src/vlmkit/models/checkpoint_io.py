@@ -13,6 +13,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
 
 from vlmkit.config import ModelConfig, Recipe, recipe_to_yaml
 from vlmkit.models.connectors import build_connector
+from vlmkit.models.varlen_attention import hf_attn_implementation
 from vlmkit.models.vision import vision_from_state, vision_state
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.utils.io import atomic_directory, atomic_write_json, atomic_write_text
@@ -108,7 +109,7 @@ def load_checkpoint(path, device="cpu") -> tuple[VisionLanguageModel, object]:
     vision = vision_from_state(meta)
     llm_dict = dict(meta["llm_hf_config"])
     llm_config = CONFIG_MAPPING[llm_dict["model_type"]].from_dict(llm_dict)
-    llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=model_cfg.llm.attn_implementation)
+    llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=hf_attn_implementation(model_cfg.llm))
     connector = build_connector(
         model_cfg.connector,
         vision.hidden_size,

@@ -27,6 +27,7 @@ from vlmkit.models.cross_attention import (
     insert_cross_attention,
     media_index_from_ids,
 )
+from vlmkit.models.varlen_attention import hf_attn_implementation, packed_segments
 from vlmkit.models.vision import VisionEncoder, build_vision_encoder
 from vlmkit.train.losses import chunked_next_token_loss, next_token_loss
 
@@ -99,7 +100,9 @@ def resize_embeddings_mean_init(llm: PreTrainedModel, new_size: int) -> None:
 
 
 def tiny_llama_config(tokenizer, overrides: dict | None = None) -> LlamaConfig:
-    cfg = LlamaConfig(
+    """The ``tiny-llama`` preset with ``overrides`` applied at construction, so that derived
+    fields follow them (``head_dim`` is ``hidden_size / num_attention_heads`` unless given)."""
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=384,
@@ -112,22 +115,22 @@ def tiny_llama_config(tokenizer, overrides: dict | None = None) -> LlamaConfig:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    for key, value in (overrides or {}).items():
-        if not hasattr(cfg, key):
+    known = LlamaConfig()
+    for key in overrides or {}:
+        if not hasattr(known, key):
             raise ValueError(f"llm.overrides: LlamaConfig has no field {key!r}")
-        setattr(cfg, key, value)
-    return cfg
+    return LlamaConfig(**{**fields, **(overrides or {})})
 
 
 def build_llm(model_cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     name = model_cfg.llm.name
     if name == "tiny-llama":
         llm = AutoModelForCausalLM.from_config(
-            tiny_llama_config(tokenizer, model_cfg.llm.overrides), attn_implementation=model_cfg.llm.attn_implementation
+            tiny_llama_config(tokenizer, model_cfg.llm.overrides), attn_implementation=hf_attn_implementation(model_cfg.llm)
         )
     else:
         llm = AutoModelForCausalLM.from_pretrained(
-            name, attn_implementation=model_cfg.llm.attn_implementation, **model_cfg.llm.overrides
+            name, attn_implementation=hf_attn_implementation(model_cfg.llm), **model_cfg.llm.overrides
         )
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         resize_embeddings_mean_init(llm, len(tokenizer))
@@ -255,6 +258,11 @@ class VisionLanguageModel(nn.Module):
     @property
     def fuses_by_cross_attention(self) -> bool:
         return self.cross_attention is not None
+
+    @property
+    def uses_varlen_attention(self) -> bool:
+        """``llm.attn_implementation: varlen``: packed rows get segment lengths, not a mask."""
+        return self.config.llm.attn_implementation == "varlen"
 
     @property
     def tokens_per_image(self) -> int:
@@ -519,6 +527,10 @@ class VisionLanguageModel(nn.Module):
                               position_ids=position_ids_from_mask(attention_mask), use_cache=False)  # fmt: skip
         else:
             llm_inputs = dict(inputs_embeds=embeds, attention_mask=None, position_ids=position_ids, use_cache=False)
+            if self.uses_varlen_attention:  # the segments once per forward, not once per layer
+                cu_seqlens, max_len = packed_segments(position_ids)
+                llm_inputs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+                                  max_length_q=max_len, max_length_k=max_len)  # fmt: skip
         if loss_chunk_tokens is not None and labels is not None:
             text_cfg = self.llm.config.get_text_config()
             if getattr(text_cfg, "final_logit_softcapping", None):

@@ -1,0 +1,144 @@
+"""Variable-length ("varlen") attention for packed rows, as a transformers attention backend.
+
+A packed row (``data.packing``) holds several samples, each attending only to itself. With
+``attn_implementation: sdpa`` transformers turns the position ids into a block-diagonal causal
+mask and PyTorch's SDPA then computes attention densely over the whole row (the mask only
+zeroes the cross-sample scores), with its memory-efficient kernel rather than FlashAttention's.
+A varlen kernel (Dao, FlashAttention-2, 2023: ``cu_seqlens``) instead treats the tokens of all
+rows as one stream cut into segments, and computes each segment's causal attention alone:
+no work on cross-sample pairs, and the fast kernel.
+
+``llm.attn_implementation: varlen`` selects this module. It registers the name
+``vlmkit_varlen`` with transformers' ``AttentionInterface`` (so that any causal LM that
+dispatches through it, Llama, Qwen2/3, Gemma, Mistral, SmolLM, ... gets it without code
+changes) and, for its masks, transformers' own SDPA mask builder. Then:
+
+* a packed training forward (``VisionLanguageModel.forward`` passes ``cu_seq_lens_q`` and
+  ``max_length_q``, computed once per forward from the position ids) runs the varlen kernel:
+  ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's FlashAttention build, no extra package)
+  on a CUDA device; elsewhere (CPU, or a PyTorch without it) a reference that runs SDPA on each
+  segment, exact but slow, so that the path is testable on any machine;
+* everything else (unpacked batches, generation with a KV cache) is plain SDPA with its mask.
+
+Why not transformers' ``flash_attention_2``: it needs the ``flash-attn`` package, which has no
+wheels for most PyTorch/CUDA pairs and takes an hour to build; PyTorch ships the same kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+NAME = "vlmkit_varlen"  # the name registered with transformers
+
+
+def register() -> str:
+    """Register the backend with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def hf_attn_implementation(llm_config) -> str:
+    """The name to give transformers for an ``LLMConfig`` (``varlen`` is registered first)."""
+    return register() if llm_config.attn_implementation == "varlen" else llm_config.attn_implementation
+
+
+def packed_segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``cu_seqlens`` (int32, [segments + 1]) and the longest segment of packed rows.
+
+    ``position_ids`` [R, W] restart at 0 at every sample (and at a row's trailing padding);
+    the rows are read as one stream of R * W tokens, each row starting a new segment.
+    """
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        raise ValueError("packed position_ids must start every row at 0")
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())  # one host sync per forward, not per layer
+    return cu, max_len
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, H, T, D]
+    key: torch.Tensor,  # [B, Hkv, T, D]
+    value: torch.Tensor,  # [B, Hkv, T, D]
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: returns ([B, T, H, D], no weights)."""
+    if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:  # not a packed training forward
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        kwargs.pop("cu_seq_lens_k", None), kwargs.pop("max_length_k", None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)  # fmt: skip
+    if dropout:
+        raise ValueError("varlen attention: attention dropout is not supported")
+    b, h, t, d = query.shape
+    scale = scaling if scaling is not None else d**-0.5
+    q = query.transpose(1, 2).reshape(b * t, h, d)  # [B*T, H, D]: the rows as one token stream
+    k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
+    max_len = int(max_length_q) if max_length_q is not None else t
+    if q.is_cuda and _torch_varlen() is not None:
+        out = _cuda_varlen(q, k, v, cu_seq_lens_q, max_len, scale)
+    else:
+        out = reference_varlen(q, k, v, cu_seq_lens_q, scale)
+    return out.reshape(b, t, h, d), None
+
+
+def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     scale: float) -> torch.Tensor:  # fmt: skip
+    """Causal attention of each segment alone (SDPA per segment): [N, H, D] -> [N, H, D]."""
+    groups = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs = q[start:end].transpose(0, 1)  # [H, L, D]
+        ks = k[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(groups, dim=0)
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+@functools.cache
+def _torch_varlen():
+    """PyTorch's varlen FlashAttention entry point and the keywords it takes (its signature
+    changed between releases: ``is_causal`` before ``window_size``, GQA added later)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _cuda_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
+    varlen_attn, params = _torch_varlen()
+    if q.dtype not in (torch.float16, torch.bfloat16):  # e.g. rotary promoted q/k to fp32 under autocast
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    extra = {"scale": scale} if "scale" in params else {}
+    if "window_size" in params:
+        extra["window_size"] = (-1, 0)  # causal
+    else:
+        extra["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, **extra)

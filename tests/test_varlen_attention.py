@@ -1,0 +1,116 @@
+"""The varlen attention backend (models/varlen_attention.py): segment lengths from packed
+position ids, the per-segment reference against SDPA's block-diagonal mask, the kernel call
+adapted to PyTorch's signatures, and a varlen model that decodes as an SDPA one does."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from _model_helpers import make_model, tiny_model_config
+from vlmkit.data.packing import pack_collate
+from vlmkit.models import varlen_attention
+from vlmkit.models.varlen_attention import packed_segments, reference_varlen
+
+
+def test_packed_segments_by_hand():
+    # row 0: samples of 3 and 2 tokens, then 1 padding token; row 1: 4 tokens, 2 padding
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+    cu, max_len = packed_segments(pos)
+    assert cu.tolist() == [0, 3, 5, 6, 10, 12]
+    assert cu.dtype == torch.int32
+    assert max_len == 4
+
+
+def test_packed_segments_rejects_rows_that_do_not_start_at_zero():
+    try:
+        packed_segments(torch.tensor([[1, 2, 0, 1]]))
+    except ValueError as e:
+        assert "start every row at 0" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")
+
+
+def test_reference_equals_sdpa_with_a_block_diagonal_mask_gqa_included():
+    g = torch.Generator().manual_seed(0)
+    lengths, heads, kv_heads, dim = [5, 1, 7, 3], 4, 2, 8
+    n = sum(lengths)
+    q = torch.randn(n, heads, dim, generator=g)
+    k, v = torch.randn(n, kv_heads, dim, generator=g), torch.randn(n, kv_heads, dim, generator=g)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    out = reference_varlen(q, k, v, cu, scale=dim**-0.5)
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = (seg[:, None] == seg[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(2, 0),
+                                              v.transpose(0, 1).repeat_interleave(2, 0), attn_mask=mask)  # fmt: skip
+    torch.testing.assert_close(out, expected.transpose(0, 1), rtol=1e-5, atol=1e-6)
+
+
+def _fake_kernel(params: str):
+    """A stand-in for torch's varlen_attn with an older (is_causal) or newer (window_size,
+    enable_gqa) keyword set; records what it was given and runs the reference."""
+    calls = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        calls.append({"kw": kw, "kv_heads": k.shape[1], "max": (max_q, max_k)})
+        return reference_varlen(q, k, v, cu_q, kw["scale"]) if k.shape[1] == q.shape[1] else torch.zeros_like(q)
+
+    names = frozenset(["query", "key", "value", "scale", *params.split()])
+    return (kernel, names), calls
+
+
+def test_kernel_call_follows_the_installed_signature(monkeypatch):
+    q = torch.randn(6, 4, 8, dtype=torch.bfloat16)
+    k = v = torch.randn(6, 2, 8, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    old, old_calls = _fake_kernel("is_causal")
+    monkeypatch.setattr(varlen_attention, "_torch_varlen", lambda: old)
+    out = varlen_attention._cuda_varlen(q, k, v, cu, 4, 0.5)
+    assert old_calls[0]["kw"] == {"scale": 0.5, "is_causal": True}
+    assert old_calls[0]["kv_heads"] == 4  # no GQA in that kernel: the kv heads were repeated
+    torch.testing.assert_close(out, reference_varlen(q, k, v, cu, 0.5))
+    new, new_calls = _fake_kernel("window_size enable_gqa")
+    monkeypatch.setattr(varlen_attention, "_torch_varlen", lambda: new)
+    varlen_attention._cuda_varlen(q, k, v, cu, 4, 0.5)
+    assert new_calls[0]["kw"] == {"scale": 0.5, "window_size": (-1, 0), "enable_gqa": True}
+    assert new_calls[0]["kv_heads"] == 2 and new_calls[0]["max"] == (4, 4)
+
+
+def _varlen_model():
+    cfg = tiny_model_config()
+    cfg = cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"attn_implementation": "varlen"})})
+    return make_model(cfg=cfg)
+
+
+def test_packed_forward_goes_through_the_segments_once_per_layer(monkeypatch):
+    model, _ = _varlen_model()
+    seen = []
+    real = varlen_attention.reference_varlen
+    monkeypatch.setattr(varlen_attention, "reference_varlen", lambda q, k, v, cu, scale: seen.append(cu) or real(q, k, v, cu, scale))
+    items = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    from vlmkit.data.template import Encoded
+
+    enc = [Encoded(input_ids=ids, labels=ids, n_images=0, sample_id=str(i)) for i, ids in enumerate(items)]
+    batch = pack_collate(enc, [[] for _ in enc], pad_id=0, max_tokens=16)
+    with torch.no_grad():
+        model(batch["input_ids"], batch["attention_mask"], None, labels=batch["labels"], position_ids=batch["position_ids"])
+    assert len(seen) == model.llm.config.num_hidden_layers
+    assert seen[0].tolist() == [0, 4, 6, 9]  # one row of 9 tokens: no trailing padding
+
+
+def test_a_varlen_model_decodes_like_an_sdpa_model(tmp_path):
+    """Generation (KV cache, left padding) takes the SDPA branch: same weights, same tokens;
+    and the attention choice survives a checkpoint round trip."""
+    from vlmkit.models.checkpoint_io import load_checkpoint, save_checkpoint
+
+    varlen, tok = _varlen_model()
+    sdpa, _ = make_model()  # same seed: same weights
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    a = varlen.generate(ids, mask, max_new_tokens=6)
+    b = sdpa.generate(ids, mask, max_new_tokens=6)
+    assert a == b and all(len(r) == 6 for r in a)
+    path = save_checkpoint(varlen, tok, tmp_path / "ckpt")
+    loaded, _ = load_checkpoint(path)
+    assert loaded.uses_varlen_attention
+    assert loaded.llm.config._attn_implementation == varlen_attention.NAME
