@@ -191,18 +191,33 @@ def test_clip_and_siglip_losses_with_hard_negatives_by_hand():
 def test_a_hard_negative_caption_changes_one_attribute_in_the_same_style(tiny_world):
     from vlmkit.data.formats.llava import read_llava
     from vlmkit.data.worlds.shapes import COLORS, SHAPES
-    from vlmkit.train.contrastive_run import hard_negative_caption, pair_of
+    from vlmkit.train.contrastive_run import hard_negative_captions, pair_of
 
     samples = [s for s in read_llava(tiny_world / "train.json", root=tiny_world) if s.meta.get("task") == "caption"]
     for sample in samples:
         _, caption = pair_of(sample)
-        negative = hard_negative_caption(sample, caption, ["shape", "color"])
-        assert negative is not None and negative != caption
-        assert negative == hard_negative_caption(sample, caption, ["shape", "color"])  # the same on every draw
-        words, changed = caption.split(), negative.split()
-        assert len(words) == len(changed)  # the same style: only a word differs (a/an may follow it)
-        diff = [(a, b) for a, b in zip(words, changed) if a != b and a not in ("a", "an")]
-        assert len(diff) == 1 and {w.strip(",.") for w in diff[0]} <= set(SHAPES) | set(COLORS)
+        negatives = hard_negative_captions(sample, caption, ["shape", "color"], k=3)
+        assert len(negatives) == 3 and len(set(negatives)) == 3 and caption not in negatives
+        assert negatives == hard_negative_captions(sample, caption, ["shape", "color"], k=3)  # the same every draw
+        assert hard_negative_captions(sample, caption, ["shape", "color"], k=1) == negatives[:1]
+        for negative in negatives:
+            words, changed = caption.split(), negative.split()
+            assert len(words) == len(changed)  # the same style: only a word differs (a/an may follow it)
+            diff = [(a, b) for a, b in zip(words, changed) if a != b and a not in ("a", "an")]
+            assert len(diff) == 1 and {w.strip(",.") for w in diff[0]} <= set(SHAPES) | set(COLORS)
+
+
+def test_k_hard_negatives_per_caption_fill_k_masked_slots_per_row():
+    """Rows with fewer negatives than the widest row get padded slots that the loss skips."""
+    from vlmkit.train.contrastive_run import CaptionTokens
+    from vlmkit.train.objectives import ContrastiveObjective
+
+    px = [torch.zeros(3, 8, 8)]
+    items = [(CaptionTokens([5, 6], "a", [[7], [8, 9]]), px), (CaptionTokens([5], "b", [[10]]), px),
+             (CaptionTokens([6], "c", []), px)]  # fmt: skip
+    batch = ContrastiveObjective("clip").collate(items, None, pad_id=0)
+    assert batch["negative_input_ids"].tolist() == [[7, 0], [8, 9], [10, 0], [0, 0], [0, 0], [0, 0]]
+    assert batch["negative_mask"].tolist() == [True, True, True, False, False, False]
 
 
 def test_training_with_hard_negatives_feeds_them_to_the_loss(tiny_world, tmp_path):
@@ -215,13 +230,18 @@ def test_training_with_hard_negatives_feeds_them_to_the_loss(tiny_world, tmp_pat
     recipe = recipe_from_dict(dual_recipe(steps=2), ["stages.0.contrastive.hard_negatives=true"])
     final = train(recipe, data_dir=tiny_world, out_dir=tmp_path)
     model, tok = load_dual_encoder(final)
-    encode = make_pair_encoder(tok, model.image_processor(), 48, ContrastiveStageConfig(hard_negatives=True))
     samples = [s for s in read_llava(tiny_world / "train.json", root=tiny_world) if s.meta.get("task") == "caption"][:3]
     objective = ContrastiveObjective("clip")
-    batch = objective.collate([encode(s, tiny_world) for s in samples], None, tok.pad_token_id)
-    assert batch["negative_input_ids"].shape[0] == 3 and bool(batch["negative_mask"].all())
-    with torch.no_grad():
-        with_negatives, n, _ = objective.loss_sum(model, batch)
-        plain = {k: v for k, v in batch.items() if not k.startswith("negative")}
-        without, _, _ = objective.loss_sum(model, plain)
-    assert n == 3 and float(with_negatives) > float(without)  # more negatives: a larger softmax denominator
+    losses = []
+    for k in (1, 2):
+        options = ContrastiveStageConfig(hard_negatives=True, negatives_per_caption=k)
+        encode = make_pair_encoder(tok, model.image_processor(), 48, options)
+        batch = objective.collate([encode(s, tiny_world) for s in samples], None, tok.pad_token_id)
+        assert batch["negative_input_ids"].shape[0] == 3 * k and bool(batch["negative_mask"].all())
+        with torch.no_grad():
+            with_negatives, n, _ = objective.loss_sum(model, batch)
+            plain = {key: v for key, v in batch.items() if not key.startswith("negative")}
+            without, _, _ = objective.loss_sum(model, plain)
+        assert n == 3 and float(with_negatives) > float(without)  # more negatives: a larger softmax denominator
+        losses.append(float(with_negatives))
+    assert losses[1] > losses[0]

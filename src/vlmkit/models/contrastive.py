@@ -310,7 +310,7 @@ class DualEncoder(nn.Module):
         """Both towers on a batch of pairs: ``{"image_embeds" [B, E], "text_embeds" [B, E],
         "logit_scale" (the clamped scale t, a scalar), "logit_bias" (SigLIP; else None)}`` --
         what ``contrastive_losses.dual_encoder_loss`` reads. With ``negative_input_ids``
-        ``[B, L']`` (a hard-negative caption per row) also ``"negative_embeds" [B, E]``: the
+        ``[M, L']`` (hard-negative captions, k per row) also ``"negative_embeds" [M, E]``: the
         text tower runs once on captions and negatives together."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -324,7 +324,7 @@ class DualEncoder(nn.Module):
                              F.pad(negative_input_ids, (0, width - negative_input_ids.shape[1]), value=pad)])
             mask = torch.cat([F.pad(attention_mask, (0, width - attention_mask.shape[1])),
                               F.pad(negative_attention_mask, (0, width - negative_attention_mask.shape[1]))])  # fmt: skip
-            texts, negatives = self.encode_text(ids, mask).split(input_ids.shape[0])
+            texts, negatives = self.encode_text(ids, mask).split([input_ids.shape[0], negative_input_ids.shape[0]])
         else:
             texts = self.encode_text(input_ids, attention_mask)
         out = {

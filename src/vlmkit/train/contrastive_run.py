@@ -48,19 +48,20 @@ IMAGE_TOWER_DIR = "image_tower"
 
 class CaptionTokens(list):
     """A caption's token ids, carrying its sample's id (for the trainer's error messages) and
-    the ids of its hard-negative caption, if any."""
+    the ids of its hard-negative captions (none, or up to ``negatives_per_caption``)."""
 
-    def __init__(self, ids: list[int], sample_id: str | None, negative: list[int] | None = None):
+    def __init__(self, ids: list[int], sample_id: str | None, negatives: list[list[int]] | None = None):
         super().__init__(ids)
         self.sample_id = sample_id
-        self.negative = negative
+        self.negatives = negatives or []
 
 
-def hard_negative_caption(sample: Sample, caption: str, attributes: list[str]) -> str | None:
-    """The caption of the sample's scene with one attribute of one object changed, written in
-    the same style as ``caption`` (the world's short or detailed caption); None when the sample
-    has no scene graph or its caption is neither. Drawn from a generator seeded by the sample's
-    id, so a resumed run sees the same negatives."""
+def hard_negative_captions(sample: Sample, caption: str, attributes: list[str], k: int = 1) -> list[str]:
+    """Up to ``k`` distinct captions of the sample's scene, each with one attribute of one
+    object changed, written in the same style as ``caption`` (the world's short or detailed
+    caption); none when the sample has no scene graph or its caption is neither. Drawn from a
+    generator seeded by the sample's id, so a resumed run sees the same negatives. Fewer than
+    ``k`` when the scene has fewer distinct changes (a one-object scene has 5 other shapes)."""
     import random
 
     from vlmkit.data.worlds.shapes import caption_detailed, caption_short
@@ -68,13 +69,20 @@ def hard_negative_caption(sample: Sample, caption: str, attributes: list[str]) -
 
     scene = sample.meta.get("scene")
     if not scene or not scene.get("objects"):
-        return None
+        return []
     style = next((f for f in (caption_short, caption_detailed) if f(scene) == caption), None)
     if style is None:
-        return None
+        return []
     rng = random.Random(f"hard-negative:{sample.id}")
-    changed, _ = perturb_scene(scene, rng.choice(attributes), rng)
-    return style(changed)
+    found: list[str] = []
+    for _ in range(4 * k):  # a few tries per slot: two draws can make the same change
+        changed, _ = perturb_scene(scene, rng.choice(attributes), rng)
+        text = style(changed)
+        if text != caption and text not in found:
+            found.append(text)
+        if len(found) == k:
+            break
+    return found
 
 
 def pair_of(sample: Sample) -> tuple:
@@ -98,11 +106,11 @@ def make_pair_encoder(tokenizer, processor: ImageProcessor, max_length: int, opt
     def encode(sample: Sample, root: Path):
         ref, caption = pair_of(sample)
         image = load_image(ref, root)  # BadSampleError for a missing or corrupt image
-        negative = None
+        negatives = []
         if options is not None and options.hard_negatives:
-            text = hard_negative_caption(sample, caption, options.attributes)
-            negative = ids_of(text) if text is not None else None
-        return CaptionTokens(ids_of(caption), sample.id, negative), [processor(image)]
+            texts = hard_negative_captions(sample, caption, options.attributes, options.negatives_per_caption)
+            negatives = [ids_of(text) for text in texts]
+        return CaptionTokens(ids_of(caption), sample.id, negatives), [processor(image)]
 
     return encode
 

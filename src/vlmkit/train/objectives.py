@@ -176,11 +176,13 @@ class ContrastiveObjective:
         pixels = torch.stack([pxs[0] for _, pxs in items])
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels,
                  "sample_ids": [getattr(ids, "sample_id", None) for ids, _ in items]}  # fmt: skip
-        negatives = [getattr(ids, "negative", None) for ids, _ in items]
-        if any(neg is not None for neg in negatives):  # hard negatives (NegCLIP); [pad] where a row has none
+        per_row = [list(getattr(ids, "negatives", [])) for ids, _ in items]
+        k = max(len(negs) for negs in per_row)
+        if k:  # hard negatives (NegCLIP): k slots per row, [pad] and masked out where a row has fewer
+            slots = [negs[j] if j < len(negs) else None for negs in per_row for j in range(k)]
             batch["negative_input_ids"], batch["negative_attention_mask"] = self._pad(
-                [neg if neg is not None else [pad_id] for neg in negatives], pad_id)
-            batch["negative_mask"] = torch.tensor([neg is not None for neg in negatives])
+                [neg if neg is not None else [pad_id] for neg in slots], pad_id)
+            batch["negative_mask"] = torch.tensor([neg is not None for neg in slots])
         return batch
 
     def count(self, batch: dict) -> int:
