@@ -134,7 +134,11 @@ def _cmd_fusion(args: argparse.Namespace) -> int:
         from vlmkit.train.fusion_objectives import train_fusion
 
         final = train_fusion(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, easy_ratio=args.easy_ratio)  # fmt: skip
+                             seed=args.seed, easy_ratio=args.easy_ratio, save_every=args.save_every or None,
+                             resume=args.resume, stop_after_steps=args.stop_after_steps)  # fmt: skip
+        if final is None:
+            print(f"stopped after {args.stop_after_steps} steps; continue with --resume")
+            return 0
         print(f"final checkpoint: {final}")
         return 0
     import json
@@ -360,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     ftrain.add_argument("--lr", type=float, default=2e-3)
     ftrain.add_argument("--seed", type=int, default=0)
     ftrain.add_argument("--easy-ratio", type=float, default=0.5, help="share of ITM negatives from another scene")
+    ftrain.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps (0: never)")
+    ftrain.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    ftrain.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                        help="stop after N steps as if killed (no final checkpoint): for resume drills")
     ftrain.set_defaults(func=_cmd_fusion)
     feval = fusion_sub.add_parser("eval", help="ITM accuracy (hard negatives) and MLM accuracy on attribute words")
     feval.add_argument("checkpoint")

@@ -209,17 +209,23 @@ class FusionEncoder(nn.Module):
         (e.g. how the training texts were phrased)."""
         path = Path(path)
         with atomic_directory(path) as tmp:
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            # after the tokenizer, so a config.json of its own can never win
-            atomic_write_json(
-                tmp / CONFIG_FILE,
-                {"format": FORMAT, "version": VERSION, "config": self.config.model_dump(mode="json"),
-                 "meta": meta or {}},  # fmt: skip
-            )
-            # save_model writes tied parameters once (safetensors refuses shared storage otherwise)
-            safetensors.torch.save_model(self, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            self.write_to(tmp, tokenizer, meta)
         return path
+
+    def write_to(self, directory: str | Path, tokenizer=None, meta: dict[str, Any] | None = None) -> None:
+        """``save``'s files into an existing directory that the caller makes atomic (a
+        training checkpoint adds its training state next to them)."""
+        directory = Path(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+        # after the tokenizer, so a config.json of its own can never win
+        atomic_write_json(
+            directory / CONFIG_FILE,
+            {"format": FORMAT, "version": VERSION, "config": self.config.model_dump(mode="json"),
+             "meta": meta or {}},  # fmt: skip
+        )
+        # save_model writes tied parameters once (safetensors refuses shared storage otherwise)
+        safetensors.torch.save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "FusionEncoder":

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import logging
 import math
 import random
@@ -52,6 +53,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
+from safetensors.torch import load_model as safetensors_load_model
 
 from vlmkit.config import StrictModel
 from vlmkit.models.fusion import FusionEncoder, FusionEncoderConfig, FusionOutput
@@ -500,7 +502,10 @@ def train_fusion(
     grad_clip: float = 1.0,
     log_every: int = 10,
     max_scenes: int | None = None,
-) -> Path:
+    save_every: int | None = 250,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+) -> Path | None:
     """Train a `FusionEncoder` with MLM + ITM on the world's train scenes; return the final
     checkpoint directory ``out_dir/final`` (model, tokenizer, and in config.json's ``meta`` the
     text settings the evaluation needs).
@@ -510,7 +515,16 @@ def train_fusion(
     ``step`` (1-based), ``loss``, ``mlm_loss``, ``itm_loss``, ``itm_accuracy`` -- means over the
     steps since the previous row -- ``lr``, ``elapsed_s``) and ``out_dir/final/``.
     ``model``: FusionEncoderConfig fields (vocabulary, pad and mask ids come from the tokenizer).
+
+    Every ``save_every`` steps a checkpoint ``out_dir/checkpoints/step-N/`` holds the weights and
+    the whole training state (optimizer, schedule, the scene order, both random generators and
+    the open metrics window; ``train.state``, no pickle). ``resume=True`` continues from the
+    latest complete one, and the run then ends exactly as an uninterrupted one (tested bitwise).
+    ``stop_after_steps`` returns None after that many steps, as if killed (for resume drills).
     """
+    from vlmkit.train.checkpoints import STATE_DIR, CheckpointManager, latest_checkpoint
+    from vlmkit.train.run import truncate_metrics
+    from vlmkit.train.state import load_training_state
     from vlmkit.utils.io import append_jsonl
 
     if steps < 1 or batch_size < 1:
@@ -550,11 +564,28 @@ def train_fusion(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, max(1, warmup)))
 
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
     window: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     order: list[int] = []
-    for step in range(steps):
+    checkpoints = CheckpointManager(out_dir / "checkpoints", lambda m, d: m.write_to(d, tokenizer=tok))
+    ckpt = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    start = 0
+    if ckpt is not None:
+        print(f"resuming from {ckpt}")
+        safetensors_load_model(net, str(ckpt / "model.safetensors"), strict=True)
+        saved = load_training_state(ckpt / STATE_DIR, None, optimizer, scheduler)["progress"]
+        start, order, window = saved["step"], saved["order"], saved["window"]
+        version, state, gauss = saved["rng"]
+        rng.setstate((version, tuple(state), gauss))
+        gen.set_state(torch.tensor(saved["generator"], dtype=torch.uint8))
+        t0 -= saved["elapsed_s"]
+        truncate_metrics(metrics_path, start)
+    else:
+        if resume:
+            print(f"no complete checkpoint under {out_dir / 'checkpoints'}: starting from scratch")
+        metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # an earlier run's, in the same --out
+    for step in range(start, steps):
         while len(order) < batch_size:  # epochs of shuffled scenes
             fresh = list(range(len(scenes)))
             rng.shuffle(fresh)
@@ -591,6 +622,15 @@ def train_fusion(
             append_jsonl(metrics_path, row)
             log.info("fusion step %d: loss %.4f", step + 1, row["loss"])
             window = {}
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            version, state, gauss = rng.getstate()
+            progress = {"step": step + 1, "order": order, "window": window, "rng": [version, list(state), gauss],
+                        "generator": gen.get_state().tolist(), "elapsed_s": time.perf_counter() - t0,
+                        "global_step": step + 1}  # fmt: skip
+            checkpoints.save(net, optimizer, scheduler, progress, mixture=None)
+        if stop_after_steps is not None and step + 1 >= stop_after_steps and step + 1 < steps:
+            log.warning("fusion: stopped after %d steps (stop_after_steps)", step + 1)
+            return None
 
     net.eval()
     meta = {
