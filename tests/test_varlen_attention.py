@@ -114,3 +114,17 @@ def test_a_varlen_model_decodes_like_an_sdpa_model(tmp_path):
     loaded, _ = load_checkpoint(path)
     assert loaded.uses_varlen_attention
     assert loaded.llm.config._attn_implementation == varlen_attention.NAME
+
+
+def test_kernel_gets_half_precision_and_an_fp32_model_gets_fp32_back(monkeypatch):
+    seen = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        seen.append(q.dtype)
+        return reference_varlen(q.float(), k.float(), v.float(), cu_q, kw["scale"]).to(q.dtype)
+
+    monkeypatch.setattr(varlen_attention, "_torch_varlen", lambda: (kernel, frozenset(["scale", "window_size"])))
+    q = k = v = torch.randn(5, 2, 4)
+    out = varlen_attention._cuda_varlen(q, k, v, torch.tensor([0, 5], dtype=torch.int32), 5, 0.5)
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32
+    torch.testing.assert_close(out, reference_varlen(q, k, v, torch.tensor([0, 5]), 0.5), atol=2e-2, rtol=2e-2)

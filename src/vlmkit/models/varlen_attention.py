@@ -92,7 +92,7 @@ def varlen_attention_forward(
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
     max_len = int(max_length_q) if max_length_q is not None else t
-    if q.is_cuda and _torch_varlen() is not None:
+    if _kernel_available(q):
         out = _cuda_varlen(q, k, v, cu_seq_lens_q, max_len, scale)
     else:
         out = reference_varlen(q, k, v, cu_seq_lens_q, scale)
@@ -113,6 +113,10 @@ def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return out
 
 
+def _kernel_available(q: torch.Tensor) -> bool:
+    return q.is_cuda and _torch_varlen() is not None
+
+
 @functools.cache
 def _torch_varlen():
     """PyTorch's varlen FlashAttention entry point and the keywords it takes (its signature
@@ -126,8 +130,11 @@ def _torch_varlen():
 
 def _cuda_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
     varlen_attn, params = _torch_varlen()
-    if q.dtype not in (torch.float16, torch.bfloat16):  # e.g. rotary promoted q/k to fp32 under autocast
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+    given = q.dtype
+    autocast = torch.is_autocast_enabled("cuda")
+    if given not in (torch.float16, torch.bfloat16):  # the kernel takes half precision only
+        # (under autocast, rotary embeddings promote q and k to fp32)
+        dtype = torch.get_autocast_dtype("cuda") if autocast else torch.bfloat16
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     extra = {"scale": scale} if "scale" in params else {}
     if "window_size" in params:
@@ -141,4 +148,6 @@ def _cuda_varlen(q, k, v, cu_seqlens: torch.Tensor, max_len: int, scale: float) 
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, **extra)
+    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, **extra)
+    # an fp32 model outside autocast gets fp32 back (its output projection would refuse bf16)
+    return out if autocast else out.to(given)

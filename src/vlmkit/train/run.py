@@ -268,13 +268,19 @@ def compile_blocks(model) -> int:
     """``torch.compile`` each LLM decoder layer and each vision encoder in place (parameter names
     and checkpoints are unchanged); returns how many modules were compiled. Per block rather than
     the whole model: the image splicing and packing masks are data-dependent Python, and every
-    decoder layer shares one compiled graph."""
+    decoder layer shares one compiled graph.
+
+    ``dynamic=True``: every size is symbolic from the first compilation. Packed rows (and
+    length-grouped batches) have a new shape at every step; with PyTorch's default a size is
+    made symbolic only after it has changed once, so each size that happened to repeat over the
+    first steps costs another compilation later, in the middle of training (seen on an H100 as
+    1-2 s steps among 0.3 s ones, docs/benchmarks.md)."""
     from vlmkit.models.cross_attention import decoder_layers
 
     modules = list(decoder_layers(model.llm))
     modules += [enc.model for enc in getattr(model.vision, "encoders", [model.vision])]
     for module in modules:
-        module.compile()
+        module.compile(dynamic=True)
     log.info("torch.compile: %d modules", len(modules))
     return len(modules)
 
