@@ -185,6 +185,26 @@ def test_towers_give_unit_embeddings_and_a_finite_loss(tokenizer, vision, loss):
     assert first.grad is not None and first.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("pooling", ["mean", "eos", "cls"])
+def test_length_buckets_give_the_same_embeddings_and_gradients(tokenizer, pooling):
+    """Texts of very different lengths encoded in 3 length groups, each cut to its own longest
+    text, against one batch padded to the longest of all."""
+    torch.manual_seed(0)
+    model = build_dual_encoder(_cfg(pooling=pooling), tokenizer)
+    texts = [TEXTS[1] * 3, "a red circle.", TEXTS[4], "a green circle.", TEXTS[1] * 2, TEXTS[3], TEXTS[0] * 2]
+    batch = tokenize_texts(tokenizer, texts, 32)
+    grads = []
+    for buckets in (1, 3):
+        model.zero_grad()
+        emb = model.encode_text(batch["input_ids"], batch["attention_mask"], buckets=buckets)
+        (emb * torch.arange(emb.numel()).view_as(emb)).sum().backward()  # weighs each row differently
+        grads.append(model.text_proj.weight.grad.clone())
+        if buckets == 1:
+            whole = emb.detach()
+    torch.testing.assert_close(emb.detach(), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)  # float noise of other sums
+
+
 def test_tokenize_appends_eos_and_keeps_it_when_truncating(tokenizer):
     batch = tokenize_texts(tokenizer, ["a red circle.", TEXTS[1] * 4], max_length=10)
     ids, mask = batch["input_ids"], batch["attention_mask"]

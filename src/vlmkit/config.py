@@ -37,6 +37,7 @@ class EncoderPretrainConfig(StrictModel):
     method: Literal["supervised", "contrastive"] = "supervised"
     loss: Literal["clip", "siglip"] = "clip"  # contrastive only
     hard_negatives: bool = True  # contrastive only: NegCLIP's one-attribute-changed captions
+    negatives_per_caption: int = Field(1, ge=1, le=8)  # contrastive only: that many per image
     steps: int = Field(400, gt=0)
     batch_size: int = Field(32, gt=0)
     lr: float = Field(2e-3, gt=0)

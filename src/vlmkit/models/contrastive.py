@@ -80,6 +80,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 TEXT_PRESETS = ("tiny-text",)
+TEXT_BUCKETS = 4  # length groups of a training forward's texts (DualEncoder.encode_text)
 # full image-text checkpoints named as a text tower: their text model's class
 TEXT_TOWER_OF = {"clip": "CLIPTextModel", "siglip": "SiglipTextModel", "siglip2": "Siglip2TextModel"}
 
@@ -296,10 +297,24 @@ class DualEncoder(nn.Module):
         pooled = tokens.mean(dim=1)
         return F.normalize(self.image_proj(pooled.to(self.image_proj.weight.dtype)), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, L]`` token ids (right-padded, ``tokenize_texts``) -> ``[B, E]``, unit norm."""
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    buckets: int = 1) -> torch.Tensor:  # fmt: skip
+        """``[B, L]`` token ids (right-padded, ``tokenize_texts``) -> ``[B, E]``, unit norm.
+
+        ``buckets > 1``: the texts are sorted by length and encoded in that many groups, each
+        cut to its own longest text. The result is the same (padding is masked), the work is
+        less when lengths vary: a batch of short captions, detailed ones and their hard
+        negatives is otherwise padded to the longest of all."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if buckets > 1 and input_ids.shape[0] > buckets:
+            lengths = attention_mask.sum(dim=1)
+            order = lengths.argsort()
+            pieces = []
+            for group in order.chunk(buckets):
+                width = max(1, int(lengths[group].max()))
+                pieces.append(self.encode_text(input_ids[group, :width], attention_mask[group, :width]))
+            return torch.cat(pieces)[order.argsort()]  # back to the input order
         hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = pool_text(hidden, attention_mask, self.config.text.pooling)
         return F.normalize(self.text_proj(pooled.to(self.text_proj.weight.dtype)), dim=-1)
@@ -324,9 +339,10 @@ class DualEncoder(nn.Module):
                              F.pad(negative_input_ids, (0, width - negative_input_ids.shape[1]), value=pad)])
             mask = torch.cat([F.pad(attention_mask, (0, width - attention_mask.shape[1])),
                               F.pad(negative_attention_mask, (0, width - negative_attention_mask.shape[1]))])  # fmt: skip
-            texts, negatives = self.encode_text(ids, mask).split([input_ids.shape[0], negative_input_ids.shape[0]])
+            both = self.encode_text(ids, mask, buckets=TEXT_BUCKETS)
+            texts, negatives = both.split([input_ids.shape[0], negative_input_ids.shape[0]])
         else:
-            texts = self.encode_text(input_ids, attention_mask)
+            texts = self.encode_text(input_ids, attention_mask, buckets=TEXT_BUCKETS)
         out = {
             "image_embeds": self.encode_image(pixel_values),
             "text_embeds": texts,

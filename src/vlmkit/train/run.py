@@ -213,7 +213,8 @@ def contrastive_encoder_recipe(recipe: Recipe):
     stage = StageConfig(name="contrastive", kind="contrastive", objective="contrastive", data={"captions": 1.0},
                         trainable=["vision", "text", "*_proj.*", "logit_*"], lr=p.lr, batch_size=p.batch_size,
                         steps=p.steps, warmup_steps=min(50, p.steps // 10), log_every=25,
-                        contrastive=ContrastiveStageConfig(hard_negatives=p.hard_negatives))  # fmt: skip
+                        contrastive=ContrastiveStageConfig(hard_negatives=p.hard_negatives,
+                                                           negatives_per_caption=p.negatives_per_caption))  # fmt: skip
     return ContrastiveRecipe(
         kind="contrastive", name=f"{recipe.name}-encoder", seed=recipe.seed,
         model=DualEncoderConfig(vision=vision.model_copy(update={"pretrain": None}), loss=p.loss),
