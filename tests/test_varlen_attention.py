@@ -128,3 +128,21 @@ def test_kernel_gets_half_precision_and_an_fp32_model_gets_fp32_back(monkeypatch
     out = varlen_attention._cuda_varlen(q, k, v, torch.tensor([0, 5], dtype=torch.int32), 5, 0.5)
     assert seen == [torch.bfloat16] and out.dtype == torch.float32
     torch.testing.assert_close(out, reference_varlen(q, k, v, torch.tensor([0, 5]), 0.5), atol=2e-2, rtol=2e-2)
+
+
+def test_packed_varlen_refuses_sliding_windows_and_soft_capping():
+    """Mistral passes ``sliding_window`` and Gemma 2 ``softcap`` to the attention function; the
+    varlen path would silently ignore them, so it refuses."""
+    q = k = v = torch.randn(1, 2, 4, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    for option, value in (("sliding_window", 2), ("softcap", 30.0)):
+        try:
+            varlen_attention.varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=4,
+                                                      **{option: value})  # fmt: skip
+        except ValueError as e:
+            assert option in str(e)
+        else:
+            raise AssertionError(f"{option} was not refused")
+    out, _ = varlen_attention.varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=4,
+                                                       sliding_window=None)  # fmt: skip
+    assert out.shape == (1, 4, 2, 8)

@@ -86,6 +86,10 @@ def varlen_attention_forward(
                                       **kwargs)  # fmt: skip
     if dropout:
         raise ValueError("varlen attention: attention dropout is not supported")
+    for option in ("sliding_window", "softcap"):  # Mistral-style windows, Gemma 2's soft-capping
+        if kwargs.get(option) is not None:
+            raise ValueError(f"varlen attention: this LLM uses {option}, which the varlen path does not "
+                             "implement; train it with llm.attn_implementation sdpa or eager")
     b, h, t, d = query.shape
     scale = scaling if scaling is not None else d**-0.5
     q = query.transpose(1, 2).reshape(b * t, h, d)  # [B*T, H, D]: the rows as one token stream
