@@ -81,7 +81,8 @@ def varlen_attention_forward(
     if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:  # not a packed training forward
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        kwargs.pop("cu_seq_lens_k", None), kwargs.pop("max_length_k", None)
+        for name in ("cu_seq_lens_k", "max_length_k"):  # flash-attention's keywords, not SDPA's
+            kwargs.pop(name, None)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
     if dropout:

@@ -23,21 +23,11 @@ import logging
 from pathlib import Path
 
 from vlmkit.config import ConfigError, ContrastiveRecipe, recipe_to_yaml
-from vlmkit.data.bad_samples import BadSampleError, BadSampleLog
+from vlmkit.data.bad_samples import BadSampleError
 from vlmkit.data.images import ImageProcessor, load_image
 from vlmkit.data.sample import Sample
-from vlmkit.train.checkpoints import latest_checkpoint
-from vlmkit.train.parallel import Parallel, barrier, init_distributed, run_strategy
-from vlmkit.train.run import (
-    check_run_dir,
-    ensure_world,
-    plot_losses,
-    resolve_device,
-    run_context,
-    seed_everything,
-    truncate_metrics,
-    used_sources,
-)
+from vlmkit.train.parallel import barrier
+from vlmkit.train.run import plot_losses, run_context, seed_everything, start_run, truncate_metrics
 from vlmkit.train.trainer import StopRun, train_stages
 from vlmkit.utils.io import atomic_directory, atomic_write_text
 
@@ -161,28 +151,11 @@ def train_contrastive(
 ) -> Path | None:
     """Train every stage of a contrastive recipe; returns ``out_dir/final`` (``None`` after
     ``stop_after_steps``). Under torchrun every rank calls this; rank 0 writes."""
-    from vlmkit.data.dataset import load_sources
     from vlmkit.models.contrastive import export_image_tower, save_dual_encoder
 
     if strategy == "fsdp":
         raise ConfigError("--strategy fsdp: contrastive recipes run under DDP (the towers are small)")
-    out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
-    env, device = init_distributed(resolve_device(recipe.train.device))
-    parallel = Parallel(env, run_strategy(recipe.stages, strategy), device)
-    check_run_dir(out, resume)
-    barrier(env)
-    seed_everything(recipe.seed)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if data_dir is None:
-            ensure_world(recipe, out / "world")
-        atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
-    barrier(env)
-    data = Path(data_dir) if data_dir is not None else out / "world"
-
-    bad_log = BadSampleLog(max_fraction=recipe.train.max_bad_fraction)
-    sources = load_sources(recipe.data, data, bad_log, names=used_sources(recipe))
-    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+    out, env, device, parallel, data, bad_log, sources, ckpt = start_run(recipe, data_dir, out_dir, resume, strategy)
     if resume and ckpt is None and env.is_main:
         print(f"no complete checkpoint under {out / 'checkpoints'}: starting from scratch")
         truncate_metrics(out / "metrics.jsonl", 0)

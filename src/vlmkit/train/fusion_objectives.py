@@ -574,7 +574,7 @@ def train_fusion(
         print(f"resuming from {ckpt}")
         safetensors_load_model(net, str(ckpt / "model.safetensors"), strict=True)
         saved = load_training_state(ckpt / STATE_DIR, None, optimizer, scheduler)["progress"]
-        start, order, window = saved["step"], saved["order"], saved["window"]
+        start, order, window = saved["global_step"], saved["order"], saved["window"]
         version, state, gauss = saved["rng"]
         rng.setstate((version, tuple(state), gauss))
         gen.set_state(torch.tensor(saved["generator"], dtype=torch.uint8))
@@ -624,9 +624,9 @@ def train_fusion(
             window = {}
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             version, state, gauss = rng.getstate()
-            progress = {"step": step + 1, "order": order, "window": window, "rng": [version, list(state), gauss],
-                        "generator": gen.get_state().tolist(), "elapsed_s": time.perf_counter() - t0,
-                        "global_step": step + 1}  # fmt: skip
+            progress = {"global_step": step + 1, "order": order, "window": window,
+                        "rng": [version, list(state), gauss], "generator": gen.get_state().tolist(),
+                        "elapsed_s": time.perf_counter() - t0}  # fmt: skip
             checkpoints.save(net, optimizer, scheduler, progress, mixture=None)
         if stop_after_steps is not None and step + 1 >= stop_after_steps and step + 1 < steps:
             log.warning("fusion: stopped after %d steps (stop_after_steps)", step + 1)

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -378,6 +379,45 @@ def run_context(recipe, out: Path, bad_log: BadSampleLog, save_model, parallel: 
     return ctx
 
 
+class RunStart(NamedTuple):
+    """What every recipe kind sets up before its model (``start_run``)."""
+
+    out: Path  # the run directory
+    env: Any  # parallel.DistEnv
+    device: torch.device
+    parallel: Parallel
+    data: Path  # the dataset root
+    bad_log: BadSampleLog
+    sources: dict
+    ckpt: Path | None  # the checkpoint to resume from
+
+
+def start_run(recipe, data_dir: str | Path | None, out_dir: str | Path | None, resume: bool,
+              strategy: str | None) -> RunStart:  # fmt: skip
+    """Process group, run directory (refusing to overwrite a run unless resuming), world,
+    ``recipe.yaml``, data sources and the checkpoint to resume from, for a VLM or a
+    contrastive recipe alike. Under torchrun rank 0 writes and the others wait."""
+    from vlmkit.data.dataset import load_sources
+
+    out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
+    env, device = init_distributed(resolve_device(recipe.train.device))
+    parallel = Parallel(env, run_strategy(recipe.stages, strategy), device)
+    check_run_dir(out, resume)
+    barrier(env)  # every rank has looked before rank 0 writes
+    seed_everything(recipe.seed)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if data_dir is None:
+            ensure_world(recipe, out / "world")
+        atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
+    barrier(env)
+    data = Path(data_dir) if data_dir is not None else out / "world"
+    bad_log = BadSampleLog(max_fraction=recipe.train.max_bad_fraction)
+    sources = load_sources(recipe.data, data, bad_log, names=used_sources(recipe))
+    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+    return RunStart(out, env, device, parallel, data, bad_log, sources, ckpt)
+
+
 def train(
     recipe: Recipe,
     data_dir: str | Path | None = None,
@@ -397,30 +437,13 @@ def train(
     """
     from vlmkit.config import ContrastiveRecipe
     from vlmkit.data.collate import collate
-    from vlmkit.data.dataset import load_sources
     from vlmkit.models.checkpoint_io import save_checkpoint
 
     if isinstance(recipe, ContrastiveRecipe):  # a dual encoder: the same loop, another model
         from vlmkit.train.contrastive_run import train_contrastive
 
         return train_contrastive(recipe, data_dir, out_dir, max_steps, save_every, resume, stop_after_steps, strategy)
-    out = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
-    env, device = init_distributed(resolve_device(recipe.train.device))
-    parallel = Parallel(env, run_strategy(recipe.stages, strategy), device)
-    check_run_dir(out, resume)
-    barrier(env)  # every rank has looked before rank 0 writes
-    seed_everything(recipe.seed)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if data_dir is None:
-            ensure_world(recipe, out / "world")
-        atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
-    barrier(env)
-    data = Path(data_dir) if data_dir is not None else out / "world"
-
-    bad_log = BadSampleLog(max_fraction=recipe.train.max_bad_fraction)
-    sources = load_sources(recipe.data, data, bad_log, names=used_sources(recipe))
-    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+    out, env, device, parallel, data, bad_log, sources, ckpt = start_run(recipe, data_dir, out_dir, resume, strategy)
     # rank 0 first: it trains the tokenizer or pre-trains the encoder; the others then read them
     if env.is_main:
         model, tokenizer = prepare_model(recipe, sources, data, out, ckpt, resume)
