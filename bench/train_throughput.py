@@ -7,12 +7,15 @@
         [--skip-alone] [--reuse-prepared]    (the GPU runs: bench/gpu_packed_mfu.sh)
 
 What is compared: the same model, the same weights, the same samples in the same order, trained
-with the same optimizer (``torch.optim.AdamW``, lr 1e-4, betas (0.9, 0.95), no weight decay, no
-gradient clipping, every part trainable), fp32 on CPU, bf16 autocast on CUDA:
+with AdamW (``torch.optim.AdamW``, lr 1e-4, betas (0.9, 0.95), no weight decay, no gradient
+clipping, every part trainable), fp32 on CPU, bf16 autocast on CUDA. The vlmkit variants use
+the fused AdamW kernel, as vlmkit's trainer does (``train.stages.build_optimizer``); the plain
+loop keeps PyTorch's default (a per-tensor loop on CPU), or with ``--same-optimizer`` gets the
+fused kernel too:
 
 * ``vlmkit-packed``: ``VisionLanguageModel`` on rows packed by ``data.packing.pack_collate``
-  (each step's ``--batch`` samples packed first-fit into rows of at most ``--pack-tokens``
-  tokens; forward with ``position_ids`` and no attention mask, so that transformers builds the
+  (each step's ``--batch`` samples packed into rows of at most ``--pack-tokens`` tokens, as
+  few rows as first-fit decreasing needs, balanced; forward with ``position_ids`` and no attention mask, so that transformers builds the
   block-diagonal causal mask); loss = ``loss_sum / n_targets``;
 * ``vlmkit-unpacked``: the same model on right-padded batches from ``data.collate.collate``;
 * ``hf-llava``: ``transformers.LlavaForConditionalGeneration`` loaded from vlmkit's ``hf-llava``
@@ -20,12 +23,13 @@ gradient clipping, every part trainable), fp32 on CPU, bf16 autocast on CUDA:
   ``.loss.backward()``, ``optimizer.step()``) on the same right-padded batches (the image
   token already expanded to ``tokens_per_image`` copies, as LLaVA expects).
 
-The only advantage vlmkit gets that the HF loop could not have is packing, in
-``vlmkit-packed``. ``--loss-chunk-tokens N`` (off by default, and off in the recorded runs) makes
+vlmkit's advantages are packing, in ``vlmkit-packed``, and the fused optimizer, in both of its
+variants (``forward_backward_optimizer_s`` shows each part). ``--loss-chunk-tokens N`` (off by default, and off in the recorded runs) makes
 both vlmkit variants compute the loss N target positions at a time, logits only at target
 positions (``train.losses.chunked_next_token_loss``); with this vocabulary of about 540 tokens
 the LM head is a small part of the step, so it is not used. Both models use transformers' ``sdpa``
-attention (printed as ``attn``). The losses of the three variants agree step by step
+attention (printed as ``attn``) unless ``--attn varlen`` gives the vlmkit variants the varlen
+path (``models.varlen_attention``: on CPU, SDPA over groups of similar-length samples). The losses of the three variants agree step by step
 (``loss_max_abs_diff_vs_hf-llava``): they train the same thing.
 
 Model (options): the ``tiny-vit`` preset (a CLIP vision tower, 64 px, patch 16: 16 tokens per
@@ -128,6 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attn", default="sdpa", choices=("sdpa", "varlen"),
                    help="the vlmkit variants' LLM attention (llm.attn_implementation); hf-llava always uses sdpa")
     p.add_argument("--compile", action="store_true", help="vlmkit variants: torch.compile each block (train.compile)")
+    p.add_argument("--same-optimizer", action="store_true",
+                   help="hf-llava gets vlmkit's fused AdamW too (by default it keeps PyTorch's default, as a plain loop does)")
     p.add_argument("--skip-alone", action="store_true",
                    help="no separate run per variant; peak memory is then the interleaved process's")
     p.add_argument("--reuse-prepared", action="store_true",
@@ -406,12 +412,21 @@ class Variant:
         self.counts = [batch_counts(b, setup["tokens_per_image"], setup["vision_seq"]) for b in self.batches]
         self.model, self.forward = load_model(name, work, self.device, args.loss_chunk_tokens or None, args.attn,
                                               args.compile)  # fmt: skip
-        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for all tensors (GPU only)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0,
-                                           **fused)  # fmt: skip
+                                           fused=self.fused_optimizer())  # fmt: skip
         self.times: list[float] = []
         self.phases: list[tuple[float, float, float]] = []  # forward, backward, optimizer seconds
         self.losses: list[float] = []
+
+    def fused_optimizer(self) -> bool:
+        """vlmkit's variants: what ``train.stages.build_optimizer`` picks (fused AdamW on CPU and
+        CUDA); the plain loop: PyTorch's default (a for-loop on CPU, foreach on CUDA), or fused
+        too with ``--same-optimizer``."""
+        from vlmkit.train.stages import fused_adamw_supported
+
+        if self.name == "hf-llava" and not self.args.same_optimizer:
+            return False
+        return fused_adamw_supported([{"params": list(self.model.parameters())}])
 
     def step(self, k: int) -> None:
         """Forward, backward and optimizer step on batch ``k``, timed (the copy to the device is not)."""

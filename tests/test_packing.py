@@ -14,10 +14,29 @@ from vlmkit.data.packing import pack_collate, plan_rows
 from vlmkit.data.template import IGNORE_INDEX, Encoded
 
 
-def test_plan_rows_first_fit_decreasing_by_hand():
-    # lengths 5,4,3,3,1 into rows of 8: 5 -> A; 4 -> B; 3 -> A (8); 3 -> B (7); 1 -> B (8)
+def test_plan_rows_by_hand():
+    # lengths 5,4,3,3,1 into rows of 8. First-fit decreasing needs two rows; balanced over two
+    # (each item into the emptier row): 5 -> A; 4 -> B; 3 -> B (7); 3 -> A (8); 1 -> B (8)
     rows = plan_rows([5, 4, 3, 3, 1], [0] * 5, max_tokens=8)
-    assert rows == [[0, 2], [1, 3, 4]]
+    assert rows == [[0, 3], [1, 2, 4]]
+
+
+def test_plan_rows_balances_the_rows_first_fit_found():
+    # rows of 16: first-fit decreasing fills A with 5+5+4 = 14 and leaves B at 4+3+3 = 10, so
+    # both rows would be padded to 14 (4 padding tokens); balanced, both hold 12 (none)
+    lengths = [5, 5, 4, 4, 3, 3]
+    rows = plan_rows(lengths, [0] * 6, max_tokens=16)
+    assert len(rows) == 2
+    assert [sum(lengths[i] for i in r) for r in rows] == [12, 12]
+
+
+def test_plan_rows_keeps_first_fit_when_balancing_would_break_a_budget():
+    # rows of 10 tokens and 1 image; lengths 4,5,5,5 with images on items 0 and 2. First fit
+    # decreasing: 5 (item 1) -> A; 5 (item 2) -> A (10 tokens, 1 image); 5 (item 3) -> B;
+    # 4 (item 0) -> B (9, 1). Balancing over two rows would put item 3 with item 1 (the emptier
+    # row on a tie is the first) and leave item 0 nowhere, so first fit's rows are kept.
+    rows = plan_rows([4, 5, 5, 5], [1, 0, 1, 0], max_tokens=10, max_images=1)
+    assert rows == [[0, 3], [1, 2]]
 
 
 def test_plan_rows_respects_the_image_budget_and_oversized_items():

@@ -81,3 +81,37 @@ def test_build_optimizer_applies_schedule_per_group():
     opt.step(); sched.step(); opt.step(); sched.step()
     assert {g["name"]: g["lr"] for g in opt.param_groups}["llm"] == pytest.approx(0.0, abs=1e-12)
     assert math.isclose(lr_at(2, 4, 2, "cosine", 0.0), 1.0)
+
+
+def test_build_optimizer_is_fused_on_cpu_and_steps_as_the_for_loop_does():
+    """PyTorch defaults to its slow per-tensor AdamW on CPU; the stage optimizer asks for the fused
+    kernel, which must take the same steps (the same state keys, so checkpoints and resume hold)."""
+    stage = StageConfig(name="s", data={"a": 1.0}, trainable=["connector", "llm"], lr=1e-2, steps=3,
+                        weight_decay=0.1)  # fmt: skip
+    torch.manual_seed(0)
+    fused_model = ToyVLM()
+    plain_model = ToyVLM()
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused_opt, _, _ = build_optimizer(fused_model, stage, total_steps=3)
+    assert fused_opt.defaults["fused"] is True
+    groups = [{k: v for k, v in g.items()} for g in build_optimizer(plain_model, stage, total_steps=3)[0].param_groups]
+    for g in groups:
+        g["fused"], g["foreach"] = False, False
+    plain_opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    for step in range(3):
+        for model, opt in ((fused_model, fused_opt), (plain_model, plain_opt)):
+            opt.zero_grad()
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+            model.connector(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b)
+    assert set(fused_opt.state_dict()["state"][0]) == set(plain_opt.state_dict()["state"][0])
+
+
+def test_fused_adamw_is_not_asked_for_where_pytorch_has_no_fused_kernel():
+    from vlmkit.train.stages import fused_adamw_supported
+
+    assert fused_adamw_supported([{"params": [torch.nn.Parameter(torch.zeros(2))]}])
+    assert not fused_adamw_supported([{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}])
+    assert not fused_adamw_supported([{"params": []}])

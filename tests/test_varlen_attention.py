@@ -85,8 +85,8 @@ def _varlen_model():
 def test_packed_forward_goes_through_the_segments_once_per_layer(monkeypatch):
     model, _ = _varlen_model()
     seen = []
-    real = varlen_attention.reference_varlen
-    monkeypatch.setattr(varlen_attention, "reference_varlen", lambda q, k, v, cu, scale: seen.append(cu) or real(q, k, v, cu, scale))
+    real = varlen_attention.bucketed_varlen
+    monkeypatch.setattr(varlen_attention, "bucketed_varlen", lambda q, k, v, cu, scale: seen.append(cu) or real(q, k, v, cu, scale))
     items = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     from vlmkit.data.template import Encoded
 
@@ -146,3 +146,21 @@ def test_packed_varlen_refuses_sliding_windows_and_soft_capping():
     out, _ = varlen_attention.varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=4,
                                                        sliding_window=None)  # fmt: skip
     assert out.shape == (1, 4, 2, 8)
+
+
+def test_bucketed_varlen_equals_the_per_segment_reference_values_and_gradients():
+    """The CPU path groups segments of similar length (padded on the right) into one SDPA call
+    each; lengths here span several buckets, with grouped-query heads and one-token segments."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 6, 30, 47, 50, 90, 91, 100])
+    q = torch.randn(100, 4, 8, requires_grad=True)
+    k = torch.randn(100, 2, 8, requires_grad=True)
+    v = torch.randn(100, 2, 8, requires_grad=True)
+    gathers, _ = varlen_attention._bucket_plan(tuple(cu.tolist()), "cpu")
+    assert 1 < len(gathers) < len(cu) - 1  # segments were grouped, and not all into one bucket
+    fast = varlen_attention.bucketed_varlen(q, k, v, cu, scale=0.3)
+    slow = reference_varlen(q, k, v, cu, scale=0.3)
+    torch.testing.assert_close(fast, slow)
+    g = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad(fast, (q, k, v), g), torch.autograd.grad(slow, (q, k, v), g)):
+        torch.testing.assert_close(a, b)

@@ -6,7 +6,7 @@
   parameters with ``ndim >= 2`` (weight matrices, embeddings, conv kernels). Biases, norm
   scales and any other 1-D or scalar parameter never decay.
 * ``lr_at`` is the LR multiplier: linear warmup, then cosine down to ``min_lr_ratio`` (or constant).
-* ``build_optimizer`` puts them together: ``torch.optim.AdamW`` + ``LambdaLR``.
+* ``build_optimizer`` puts them together: ``torch.optim.AdamW`` (fused on CPU and CUDA) + ``LambdaLR``.
 """
 
 from __future__ import annotations
@@ -107,6 +107,21 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where PyTorch has a fused AdamW kernel that we test
+
+
+def fused_adamw_supported(groups: list[dict]) -> bool:
+    """Whether every parameter can take PyTorch's fused AdamW (one kernel for all tensors).
+
+    PyTorch only defaults to it on no device; its for-loop default costs 13 ms a step on the
+    2-core CPU for 4.4M parameters against 4 ms fused (bench/train_throughput.py's model), and
+    the fused kernel keeps the same state (resume and exports are unchanged). DTensor shards
+    (FSDP2) take it too.
+    """
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+
+
 def build_optimizer(
     model: nn.Module, stage: StageConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, Selected]:
@@ -119,7 +134,7 @@ def build_optimizer(
             f"stages.{stage.name}: the stage trains nothing: every learning rate of {stage.trainable} is 0 "
             "(remove the stage, or give a part a positive lr)"
         )
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, fused=fused_adamw_supported(groups))
 
     def multiplier(step: int) -> float:
         return lr_at(step, total_steps, stage.warmup_steps, stage.schedule, stage.min_lr_ratio)
