@@ -41,6 +41,7 @@ from transformers import (
 
 from vlmkit.config import ModelConfig
 from vlmkit.data.collate import collate
+from vlmkit.data.packing import pack_collate
 from vlmkit.data.sample import ImageRef, Part, Sample, Turn
 from vlmkit.data.template import ChatTemplate
 from vlmkit.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer
@@ -112,7 +113,7 @@ class Family:
     n_added: int  # what load_tokenizer adds
     end_of_turn: str
     extra: dict
-    attn: str = "sdpa"  # llm.attn_implementation; Gemma2 (logit soft-capping) has no sdpa path
+    attn: str = "auto"  # llm.attn_implementation (the default); Gemma2 (logit soft-capping) has no sdpa path
 
 
 FAMILIES: dict[str, Family] = {
@@ -290,6 +291,29 @@ def test_forward_gives_finite_loss_and_grads(loaded, n_images):
     else:
         assert norm(model.connector) == 0
     model.zero_grad(set_to_none=True)
+
+
+def test_packed_rows_give_the_unpacked_loss(loaded):
+    """Packing across LLM families under the default attention (``auto``: on a CPU, the
+    block-diagonal mask transformers builds from the restarting position ids): the summed loss
+    and target count of three samples are those of the padded batch."""
+    model, tok = loaded.model, loaded.tokenizer
+    model.eval()
+    template = ChatTemplate(tok)
+    counts = [1, 0, 2]
+    items = [template.encode_for_training(_sample(n, f"s{i}"), model.tokens_per_image) for i, n in enumerate(counts)]
+    g = torch.Generator().manual_seed(0)
+    pixels = [[torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=g) for _ in range(n)] for n in counts]
+    padded = collate(items, [p for ps in pixels for p in ps], template.pad_token_id)
+    longest = max(len(it.input_ids) for it in items)
+    packed = pack_collate(items, pixels, template.pad_token_id, max_tokens=2 * longest)
+    assert packed["input_ids"].shape[0] < len(items)  # samples do share a row
+    with torch.no_grad():
+        a = model(padded["input_ids"], padded["attention_mask"], padded["pixel_values"], padded["labels"])
+        b = model(packed["input_ids"], packed["attention_mask"], packed["pixel_values"], packed["labels"],
+                  position_ids=packed["position_ids"])  # fmt: skip
+    assert int(a.n_targets) == int(b.n_targets)
+    torch.testing.assert_close(b.loss_sum, a.loss_sum, rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_roundtrip_gives_identical_logits(loaded, tmp_path, request):

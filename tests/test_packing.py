@@ -97,7 +97,7 @@ def _per_sample_losses(logits, labels, owner, n_items):
 
 
 @pytest.mark.parametrize("attn,one_row", [("sdpa", False), ("eager", False), ("sdpa", True), ("varlen", False),
-                                          ("varlen", True)])  # fmt: skip
+                                          ("varlen", True), ("auto", False), ("auto", True)])  # fmt: skip
 def test_packed_and_unpacked_give_the_same_per_sample_losses(attn, one_row):
     """Rows under a budget (SDPA, eager), or every sample in one row (the flash-attention
     varlen layout, checked here with SDPA's block-diagonal mask)."""

@@ -4,6 +4,7 @@ adapted to PyTorch's signatures, and a varlen model that decodes as an SDPA one 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -164,3 +165,52 @@ def test_bucketed_varlen_equals_the_per_segment_reference_values_and_gradients()
     g = torch.randn_like(fast)
     for a, b in zip(torch.autograd.grad(fast, (q, k, v), g), torch.autograd.grad(slow, (q, k, v), g)):
         torch.testing.assert_close(a, b)
+
+
+def _auto_inputs():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
+    return q, k, v, torch.tensor([0, 4, 9], dtype=torch.int32)
+
+
+class _Attention(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = 1
+
+
+def test_auto_uses_the_mask_on_cpu_and_the_kernel_where_it_exists(monkeypatch):
+    """``attn_implementation: auto`` (the default): on a CPU, packed rows are SDPA with the mask
+    transformers built (the per-group path is never taken); with a varlen kernel, the kernel;
+    with a sliding window (which the kernel call does not implement), the mask again."""
+    q, k, v, cu = _auto_inputs()
+    mask = torch.zeros(1, 1, 9, 9, dtype=torch.bool)
+    mask[..., :4, :4] = torch.ones(4, 4).tril().bool()
+    mask[..., 4:, 4:] = torch.ones(5, 5).tril().bool()
+    monkeypatch.setattr(varlen_attention, "bucketed_varlen", lambda *a: pytest.fail("auto took the CPU varlen path"))
+    out, _ = varlen_attention.auto_attention_forward(_Attention(), q, k, v, mask, scaling=0.5, cu_seq_lens_q=cu,
+                                                     max_length_q=5, cu_seq_lens_k=cu, max_length_k=5)  # fmt: skip
+    expected = reference_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, 0.5)
+    torch.testing.assert_close(out[0], expected)  # [T, H, D]: the block-diagonal mask did its job
+
+    calls = []
+    monkeypatch.setattr(varlen_attention, "_kernel_available", lambda q: True)
+    monkeypatch.setattr(varlen_attention, "_cuda_varlen", lambda q, k, v, cu, n, scale: calls.append(n) or q)
+    varlen_attention.auto_attention_forward(_Attention(), q, k, v, mask, scaling=0.5, cu_seq_lens_q=cu, max_length_q=5)
+    assert calls == [5]
+    varlen_attention.auto_attention_forward(_Attention(), q, k, v, mask, scaling=0.5, cu_seq_lens_q=cu, max_length_q=5,
+                                            sliding_window=3)  # fmt: skip
+    assert calls == [5]  # not called again
+
+
+def test_packed_attention_is_named_for_the_logs(monkeypatch):
+    from transformers import MistralConfig
+
+    from vlmkit.models.varlen_attention import packed_attention
+
+    assert "block-diagonal mask" in packed_attention("auto", torch.device("cpu"))
+    assert "group" in packed_attention("varlen", torch.device("cpu"))
+    monkeypatch.setattr(varlen_attention, "_torch_varlen", lambda: (None, frozenset()))
+    assert "varlen kernel" in packed_attention("auto", torch.device("cuda"))
+    assert "block-diagonal mask" in packed_attention("sdpa", torch.device("cuda"))
+    windowed = MistralConfig(sliding_window=16)
+    assert "block-diagonal mask" in packed_attention("auto", torch.device("cuda"), windowed)

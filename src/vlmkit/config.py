@@ -123,11 +123,12 @@ class LLMConfig(StrictModel):
 
     name: str = "tiny-llama"
     overrides: dict[str, Any] = Field(default_factory=dict)
-    # transformers' attention kernel: "sdpa" (PyTorch's fused kernels, FlashAttention on GPUs
-    # that have it), "eager" (plain matmuls), "flash_attention_2" (needs the flash-attn package),
-    # or "varlen": packed rows through PyTorch's own varlen FlashAttention, SDPA otherwise
-    # (models/varlen_attention.py)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "varlen"] = "sdpa"
+    # the attention kernel: "auto" (packed rows through PyTorch's varlen FlashAttention on a GPU,
+    # SDPA with a block-diagonal mask elsewhere; SDPA for all else), "varlen" (packed rows always
+    # through a varlen path, vlmkit's per-group SDPA on CPU), both models/varlen_attention.py;
+    # or transformers' own: "sdpa" (PyTorch's fused kernels; packed rows densely, masked),
+    # "eager" (plain matmuls), "flash_attention_2" (needs the flash-attn package)
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2"] = "auto"
 
 
 class ModelConfig(StrictModel):

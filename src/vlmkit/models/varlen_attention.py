@@ -8,17 +8,23 @@ A varlen kernel (Dao, FlashAttention-2, 2023: ``cu_seqlens``) instead treats the
 rows as one stream cut into segments, and computes each segment's causal attention alone:
 no work on cross-sample pairs, and the fast kernel.
 
-``llm.attn_implementation: varlen`` selects this module. It registers the name
-``vlmkit_varlen`` with transformers' ``AttentionInterface`` (so that any causal LM that
-dispatches through it, Llama, Qwen2/3, Gemma, Mistral, SmolLM, ... gets it without code
-changes) and, for its masks, transformers' own SDPA mask builder. Then:
+Two settings of ``llm.attn_implementation`` select this module. Both register a name with
+transformers' ``AttentionInterface`` (so that any causal LM that dispatches through it, Llama,
+Qwen2/3, Gemma, Mistral, SmolLM, ... gets it without code changes) and, for its masks,
+transformers' own SDPA mask builder; ``VisionLanguageModel.forward`` passes ``cu_seq_lens_q``
+and ``max_length_q``, computed once per forward from the position ids, with packed rows.
 
-* a packed training forward (``VisionLanguageModel.forward`` passes ``cu_seq_lens_q`` and
-  ``max_length_q``, computed once per forward from the position ids) runs the varlen kernel:
-  ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's FlashAttention build, no extra package)
-  on a CUDA device; elsewhere (CPU, or a PyTorch without it) a reference that runs SDPA on each
-  segment, exact but slow, so that the path is testable on any machine;
-* everything else (unpacked batches, generation with a KV cache) is plain SDPA with its mask.
+* ``auto`` (the default): a packed training forward runs the varlen kernel,
+  ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's FlashAttention build, no extra package),
+  where it exists (a CUDA device) and is exact (no sliding window, soft-capping or attention
+  dropout); everything else is SDPA with the mask transformers built, block-diagonal for packed
+  rows. The issue's rule: the varlen kernel on a GPU, SDPA with a block-diagonal mask otherwise.
+* ``varlen``: packed rows always take a varlen path: the kernel on CUDA, elsewhere
+  ``bucketed_varlen`` (SDPA over groups of similar-length segments, as fast as the masked rows
+  on a CPU and without their rows x rows mask); an LLM with sliding windows or soft-capping is
+  refused rather than silently computed without them.
+
+Unpacked batches and generation with a KV cache are plain SDPA under both.
 
 Why not transformers' ``flash_attention_2``: it needs the ``flash-attn`` package, which has no
 wheels for most PyTorch/CUDA pairs and takes an hour to build; PyTorch ships the same kernel.
@@ -32,22 +38,48 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-NAME = "vlmkit_varlen"  # the name registered with transformers
+NAME = "vlmkit_varlen"  # the names registered with transformers: llm.attn_implementation varlen
+AUTO_NAME = "vlmkit_auto"  # and auto
 
 
 def register() -> str:
-    """Register the backend with transformers (idempotent); returns its name."""
+    """Register both backends with transformers (idempotent); returns the ``varlen`` one's name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, varlen_attention_forward)
+    AttentionInterface.register(AUTO_NAME, auto_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(AUTO_NAME, sdpa_mask)
     return NAME
 
 
 def hf_attn_implementation(llm_config) -> str:
-    """The name to give transformers for an ``LLMConfig`` (``varlen`` is registered first)."""
-    return register() if llm_config.attn_implementation == "varlen" else llm_config.attn_implementation
+    """The name to give transformers for an ``LLMConfig`` (vlmkit's own are registered first)."""
+    ours = {"varlen": NAME, "auto": AUTO_NAME}
+    if llm_config.attn_implementation in ours:
+        register()
+        return ours[llm_config.attn_implementation]
+    return llm_config.attn_implementation
+
+
+def packed_attention(llm_attn: str, device: torch.device, llm_config=None) -> str:
+    """How packed rows are attended under ``llm.attn_implementation`` on ``device``, in words (logs)."""
+    windowed = llm_config is not None and _windowed_or_capped(llm_config)
+    kernel = torch.device(device).type == "cuda" and _torch_varlen() is not None
+    if llm_attn == "flash_attention_2":
+        return "flash-attention varlen (flash-attn package, one row per micro-batch)"
+    if llm_attn in ("varlen", "auto") and kernel and not windowed:
+        return "varlen kernel (torch.nn.attention.varlen)"
+    if llm_attn == "varlen":
+        return "SDPA per group of similar-length samples (vlmkit's CPU varlen path)"
+    return f"{'SDPA' if llm_attn != 'eager' else 'eager attention'} with a block-diagonal mask"
+
+
+def _windowed_or_capped(llm_config) -> bool:
+    text = llm_config.get_text_config() if hasattr(llm_config, "get_text_config") else llm_config
+    window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+    return bool(window) or bool(getattr(text, "attn_logit_softcapping", None))
 
 
 def packed_segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -65,6 +97,32 @@ def packed_segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, max_len
 
 
+def auto_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, H, T, D]
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``llm.attn_implementation: auto``: the varlen kernel for packed rows where it exists and
+    computes exactly what the model asks; SDPA with transformers' mask for everything else."""
+    exact = not dropout and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
+    if kwargs.get("cu_seq_lens_q") is not None and exact and _kernel_available(query):
+        return varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _sdpa(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+
+
+def _sdpa(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' own SDPA attention, without the varlen keywords it does not take."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(name, None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,  # [B, H, T, D]
@@ -79,12 +137,7 @@ def varlen_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: returns ([B, T, H, D], no weights)."""
     if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:  # not a packed training forward
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        for name in ("cu_seq_lens_k", "max_length_k"):  # flash-attention's keywords, not SDPA's
-            kwargs.pop(name, None)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)  # fmt: skip
+        return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError("varlen attention: attention dropout is not supported")
     for option in ("sliding_window", "softcap"):  # Mistral-style windows, Gemma 2's soft-capping

@@ -261,8 +261,8 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def uses_varlen_attention(self) -> bool:
-        """``llm.attn_implementation: varlen``: packed rows get segment lengths, not a mask."""
-        return self.config.llm.attn_implementation == "varlen"
+        """``llm.attn_implementation`` varlen or auto: packed rows get segment lengths too."""
+        return self.config.llm.attn_implementation in ("varlen", "auto")
 
     @property
     def tokens_per_image(self) -> int:

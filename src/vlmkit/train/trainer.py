@@ -41,6 +41,7 @@ from vlmkit.data.bad_samples import BadSampleError, BadSampleLog, TooManyBadSamp
 from vlmkit.data.mixture import MixtureSampler
 from vlmkit.train.checkpoints import SHARDED_OPTIMIZER_DIR, STATE_DIR, CheckpointManager
 from vlmkit.models.lora import add_lora, has_lora, merge_lora
+from vlmkit.models.varlen_attention import packed_attention
 from vlmkit.train.objectives import make_objective
 from vlmkit.train.parallel import DistEnv, Parallel, barrier, broadcast_object, check_stage
 from vlmkit.train.stages import build_optimizer
@@ -426,6 +427,9 @@ def train_stages(
             else:  # a stage-end checkpoint: only the RNG carries over to the next stage
                 load_training_state(state_dir, None, None, None, rank=ctx.env.rank)
         log.info("stage %d/%d %s: %d steps", i + 1, len(stages), stages[i].name, trainer.total_steps)
+        if stages[i].packing is not None and getattr(model, "config", None) is not None:
+            llm = model.config.llm
+            log.info("packed rows: %s", packed_attention(llm.attn_implementation, ctx.device, model.llm.config))
         trainer.run()
         del trainer  # a DDP wrapper's gradient hooks must go before the next stage wraps again
         gc.collect()
