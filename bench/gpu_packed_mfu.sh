@@ -44,6 +44,7 @@ for name in $RUNS; do
     case $name in
         varlen) run varlen "${T1:-240}" --attn varlen ;;
         varlen-compiled) run varlen-compiled "${T2:-200}" --attn varlen --compile ;;
+        auto-compiled) run auto-compiled "${T2:-200}" --attn auto --compile ;;  # the default setting
         sdpa) run sdpa "${T3:-100}" --attn sdpa ;;
     esac
 done

@@ -3,7 +3,7 @@
     python bench/train_throughput.py [--batch 16] [--steps 40] [--warmup 3] [--pack-tokens 256]
         [--llm-hidden 256] [--llm-layers 4] [--vision-patch 16] [--threads N]
         [--device cpu|cuda] [--json-out docs/data/train_throughput_cpu.json]
-        [--vision-type vit|siglip] [--llm-kv-heads K] [--attn sdpa|varlen] [--compile]
+        [--vision-type vit|siglip] [--llm-kv-heads K] [--attn auto|sdpa|varlen] [--compile]
         [--skip-alone] [--reuse-prepared]    (the GPU runs: bench/gpu_packed_mfu.sh)
 
 What is compared: the same model, the same weights, the same samples in the same order, trained
@@ -27,9 +27,11 @@ vlmkit's advantages are packing, in ``vlmkit-packed``, and the fused optimizer, 
 variants (``forward_backward_optimizer_s`` shows each part). ``--loss-chunk-tokens N`` (off by default, and off in the recorded runs) makes
 both vlmkit variants compute the loss N target positions at a time, logits only at target
 positions (``train.losses.chunked_next_token_loss``); with this vocabulary of about 540 tokens
-the LM head is a small part of the step, so it is not used. Both models use transformers' ``sdpa``
-attention (printed as ``attn``) unless ``--attn varlen`` gives the vlmkit variants the varlen
-path (``models.varlen_attention``: on CPU, SDPA over groups of similar-length samples). The losses of the three variants agree step by step
+the LM head is a small part of the step, so it is not used. Attention (printed as ``attn``):
+hf-llava uses transformers' ``sdpa``; the vlmkit variants vlmkit's default ``auto``, which on a
+CPU is the same SDPA call with the mask transformers builds (block-diagonal for packed rows), or
+``--attn sdpa`` (transformers' own) or ``--attn varlen`` (``models.varlen_attention``: on CPU,
+SDPA over groups of similar-length samples; on CUDA, ``auto`` and ``varlen`` are the varlen kernel). The losses of the three variants agree step by step
 (``loss_max_abs_diff_vs_hf-llava``): they train the same thing.
 
 Model (options): the ``tiny-vit`` preset (a CLIP vision tower, 64 px, patch 16: 16 tokens per
@@ -129,8 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision-type", default="vit", choices=("vit", "siglip"),
                    help="vit: the tiny-vit preset (CLIP tower, CLS token); siglip: a SiglipVisionModel saved "
                         "locally and loaded by path, as a hub checkpoint is (no CLS token)")
-    p.add_argument("--attn", default="sdpa", choices=("sdpa", "varlen"),
-                   help="the vlmkit variants' LLM attention (llm.attn_implementation); hf-llava always uses sdpa")
+    p.add_argument("--attn", default="auto", choices=("auto", "sdpa", "varlen"),
+                   help="the vlmkit variants' LLM attention (llm.attn_implementation, default auto: on CPU the "
+                        "block-diagonal mask with SDPA); hf-llava always uses sdpa")
     p.add_argument("--compile", action="store_true", help="vlmkit variants: torch.compile each block (train.compile)")
     p.add_argument("--same-optimizer", action="store_true",
                    help="hf-llava gets vlmkit's fused AdamW too (by default it keeps PyTorch's default, as a plain loop does)")

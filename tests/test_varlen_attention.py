@@ -214,3 +214,30 @@ def test_packed_attention_is_named_for_the_logs(monkeypatch):
     assert "block-diagonal mask" in packed_attention("sdpa", torch.device("cuda"))
     windowed = MistralConfig(sliding_window=16)
     assert "block-diagonal mask" in packed_attention("auto", torch.device("cuda"), windowed)
+
+
+def test_compiled_blocks_do_not_recompile_for_each_batch_of_the_cpu_varlen_path():
+    """``train.compile`` with ``varlen`` on a CPU: the grouping plan is data-dependent Python, so
+    dynamo must leave ``bucketed_varlen`` alone; traced, every batch's segment lengths were baked
+    into a new graph (7.5 samples/s against 90 in bench/train_throughput.py)."""
+    import torch._dynamo
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def block(q, k, v, cu):
+        return varlen_attention.bucketed_varlen(q * 2, k, v, cu, 0.5) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=counting_backend, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    layouts = [[0, 5, 12, 30], [0, 9, 10, 30], [0, 3, 17, 22, 30], [0, 30], [0, 14, 15, 16, 30]]
+    for bounds in layouts:
+        q, k, v = (torch.randn(30, 2, 4, generator=g) for _ in range(3))
+        cu = torch.tensor(bounds)
+        torch.testing.assert_close(compiled(q, k, v, cu), reference_varlen(q * 2, k, v, cu, 0.5) + 1)
+    assert len(graphs) <= 3  # the code before and after the call, once; not once per layout
+    torch._dynamo.reset()

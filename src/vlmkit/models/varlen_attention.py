@@ -171,6 +171,7 @@ def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return out
 
 
+@torch.compiler.disable  # its plan is data-dependent Python: traced, every new batch would recompile
 def bucketed_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                     scale: float) -> torch.Tensor:  # fmt: skip
     """The same result as ``reference_varlen``, fast enough to train with where no varlen kernel
