@@ -21,7 +21,6 @@ from vlmkit.models.contrastive import (
     TextTowerConfig,
     build_dual_encoder,
     build_text_tokenizer,
-    collate_pairs,
     export_image_tower,
     load_dual_encoder,
     pool_text,

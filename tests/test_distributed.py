@@ -5,7 +5,6 @@ to the same losses."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

@@ -34,11 +34,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from vlmkit.data.sample import Box, Sample
+from vlmkit.data.sample import Sample
 from vlmkit.eval.extract import Extraction, extract
 from vlmkit.eval.metrics.anls import ANLS_THRESHOLD, anls_score
 from vlmkit.eval.metrics.exact import accuracy_by_type
-from vlmkit.eval.metrics.grounding import IOU_THRESHOLD, box_iou, grounding_metrics
 from vlmkit.eval.metrics.relaxed import relaxed_correct
 from vlmkit.eval.tasks import ItemRecord, TaskDef, target_of
 from vlmkit.eval.tasks import _agg_grounding, _score_grounding  # RefCOCO scores like the world's grounding

@@ -46,7 +46,7 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import safetensors.torch
 import torch
@@ -55,15 +55,7 @@ import transformers
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
 
-from vlmkit.config import (  # the configs live with the recipe schema
-    CLIP_INIT_LOGIT_SCALE,
-    MAX_LOGIT_SCALE,
-    SIGLIP_INIT_LOGIT_BIAS,
-    SIGLIP_INIT_LOGIT_SCALE,
-    DualEncoderConfig,
-    TextTowerConfig,
-    VisionConfig,
-)
+from vlmkit.config import MAX_LOGIT_SCALE, DualEncoderConfig, TextTowerConfig  # configs: with the recipe schema
 from vlmkit.data.images import ImageProcessor
 from vlmkit.models.vision import (
     FusedVisionEncoder,
