@@ -39,7 +39,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from vlmkit.config import ModelConfig
+from vlmkit.config import ConfigError, ModelConfig
 from vlmkit.data.collate import collate
 from vlmkit.data.packing import pack_collate
 from vlmkit.data.sample import ImageRef, Part, Sample, Turn
@@ -331,3 +331,17 @@ def test_checkpoint_roundtrip_gives_identical_logits(loaded, tmp_path, request):
     assert torch.isfinite(a).all()
     assert torch.equal(a, b)
     assert type(again.llm) is type(model.llm)
+
+
+@pytest.mark.parametrize("attn", ["auto", "varlen"])
+def test_a_soft_capping_llm_with_sdpa_attention_is_refused_when_built(tmp_path, attn):
+    """Gemma 2 soft-caps its attention scores, which SDPA cannot do: the recipe key is named
+    when the model is built, not at the first training step."""
+    tok = tiny_tokenizer()
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16)  # fmt: skip
+    AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").save_pretrained(tmp_path / "gemma2")
+    model_cfg = ModelConfig.model_validate({"vision": {"name": "tiny-cnn", "image_size": IMAGE_SIZE},
+                                            "llm": {"name": str(tmp_path / "gemma2"), "attn_implementation": attn}})  # fmt: skip
+    with pytest.raises(ConfigError, match="model.llm.attn_implementation.*eager"):
+        VisionLanguageModel.from_config(model_cfg, tok)

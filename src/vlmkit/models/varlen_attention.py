@@ -38,6 +38,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from vlmkit.config import ConfigError
+
 NAME = "vlmkit_varlen"  # the names registered with transformers: llm.attn_implementation varlen
 AUTO_NAME = "vlmkit_auto"  # and auto
 
@@ -74,6 +76,16 @@ def packed_attention(llm_attn: str, device: torch.device, llm_config=None) -> st
     if llm_attn == "varlen":
         return "SDPA per group of similar-length samples (vlmkit's CPU varlen path)"
     return f"{'SDPA' if llm_attn != 'eager' else 'eager attention'} with a block-diagonal mask"
+
+
+def check_attention_supported(llm_config, llm_attn: str) -> None:
+    """Refuse, when the model is built, vlmkit's SDPA-based settings for an LLM that soft-caps its
+    attention scores (Gemma 2): SDPA has no cap, and transformers, which refuses its own
+    ``sdpa`` for such a model at load, would only say so at the first forward."""
+    text = llm_config.get_text_config() if hasattr(llm_config, "get_text_config") else llm_config
+    if llm_attn in ("auto", "varlen") and getattr(text, "attn_logit_softcapping", None):
+        raise ConfigError(f"model.llm.attn_implementation: {llm_attn!r} computes attention with SDPA, which cannot "
+                          f"soft-cap scores as this LLM ({text.model_type}) does; expected eager")
 
 
 def _windowed_or_capped(llm_config) -> bool:

@@ -27,7 +27,7 @@ from vlmkit.models.cross_attention import (
     insert_cross_attention,
     media_index_from_ids,
 )
-from vlmkit.models.varlen_attention import hf_attn_implementation, packed_segments
+from vlmkit.models.varlen_attention import check_attention_supported, hf_attn_implementation, packed_segments
 from vlmkit.models.vision import VisionEncoder, build_vision_encoder
 from vlmkit.train.losses import chunked_next_token_loss, next_token_loss
 
@@ -132,6 +132,7 @@ def build_llm(model_cfg: ModelConfig, tokenizer) -> PreTrainedModel:
         llm = AutoModelForCausalLM.from_pretrained(
             name, attn_implementation=hf_attn_implementation(model_cfg.llm), **model_cfg.llm.overrides
         )
+    check_attention_supported(llm.config, model_cfg.llm.attn_implementation)
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         resize_embeddings_mean_init(llm, len(tokenizer))
     return llm
