@@ -7,8 +7,10 @@
 #   OUT=runs/gpu-mfu bash bench/gpu_packed_mfu.sh
 #
 # Three runs on one preparation (same weights, same samples, same order): the varlen kernel,
-# the varlen kernel with torch.compile per block, and SDPA with the block-diagonal mask. Each
-# writes OUT/<name>.json (the benchmark's last line) and OUT/<name>.log.
+# the varlen kernel with torch.compile per block, and SDPA with the block-diagonal mask; and on
+# request (RUNS="auto-compiled ...") the default setting, attn_implementation auto, compiled,
+# which should reach the same kernel. Each writes OUT/<name>.json (the benchmark's last line)
+# and OUT/<name>.log.
 set -u
 OUT=${OUT:-runs/gpu-mfu}
 mkdir -p "$OUT"
