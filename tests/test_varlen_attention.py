@@ -113,7 +113,7 @@ def test_a_varlen_model_decodes_like_an_sdpa_model(tmp_path):
     assert a == b and all(len(r) == 6 for r in a)
     path = save_checkpoint(varlen, tok, tmp_path / "ckpt")
     loaded, _ = load_checkpoint(path)
-    assert loaded.uses_varlen_attention
+    assert loaded.config.llm.attn_implementation == "varlen"
     assert loaded.llm.config._attn_implementation == varlen_attention.NAME
 
 
@@ -214,6 +214,22 @@ def test_packed_attention_is_named_for_the_logs(monkeypatch):
     assert "block-diagonal mask" in packed_attention("sdpa", torch.device("cuda"))
     windowed = MistralConfig(sliding_window=16)
     assert "block-diagonal mask" in packed_attention("auto", torch.device("cuda"), windowed)
+
+
+def test_segments_are_computed_only_where_they_are_read(monkeypatch):
+    """``auto`` on a CPU attends packed rows through the mask, so its forward skips
+    ``packed_segments`` (a host sync); ``varlen`` always reads them, and so does ``auto`` where
+    the kernel exists."""
+    from vlmkit.models.varlen_attention import wants_segments
+
+    monkeypatch.setattr(varlen_attention, "_torch_varlen", lambda: None)
+    assert not wants_segments("auto", torch.device("cpu"))
+    assert not wants_segments("auto", torch.device("cuda"))
+    assert not wants_segments("sdpa", torch.device("cpu"))
+    assert wants_segments("varlen", torch.device("cpu"))
+    monkeypatch.setattr(varlen_attention, "_torch_varlen", lambda: (None, frozenset()))
+    assert wants_segments("auto", torch.device("cuda"))
+    assert not wants_segments("auto", torch.device("cpu"))
 
 
 def test_compiled_blocks_do_not_recompile_for_each_batch_of_the_cpu_varlen_path():

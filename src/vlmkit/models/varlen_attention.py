@@ -42,6 +42,7 @@ from vlmkit.config import ConfigError
 
 NAME = "vlmkit_varlen"  # the names registered with transformers: llm.attn_implementation varlen
 AUTO_NAME = "vlmkit_auto"  # and auto
+KERNEL_LACKS = ("sliding_window", "softcap")  # attention options (Mistral's windows, Gemma 2's caps) not implemented
 
 
 def register() -> str:
@@ -68,28 +69,37 @@ def hf_attn_implementation(llm_config) -> str:
 def packed_attention(llm_attn: str, device: torch.device, llm_config=None) -> str:
     """How packed rows are attended under ``llm.attn_implementation`` on ``device``, in words (logs)."""
     windowed = llm_config is not None and _windowed_or_capped(llm_config)
-    kernel = torch.device(device).type == "cuda" and _torch_varlen() is not None
     if llm_attn == "flash_attention_2":
         return "flash-attention varlen (flash-attn package, one row per micro-batch)"
-    if llm_attn in ("varlen", "auto") and kernel and not windowed:
+    if llm_attn in ("varlen", "auto") and _kernel_on(device) and not windowed:
         return "varlen kernel (torch.nn.attention.varlen)"
     if llm_attn == "varlen":
         return "SDPA per group of similar-length samples (vlmkit's CPU varlen path)"
     return f"{'SDPA' if llm_attn != 'eager' else 'eager attention'} with a block-diagonal mask"
 
 
+def wants_segments(llm_attn: str, device: torch.device) -> bool:
+    """Whether a packed forward should compute ``cu_seqlens`` (``packed_segments``, a host sync)
+    for its attention: ``varlen`` always, ``auto`` only where the kernel can read them."""
+    return llm_attn == "varlen" or (llm_attn == "auto" and _kernel_on(device))
+
+
 def check_attention_supported(llm_config, llm_attn: str) -> None:
     """Refuse, when the model is built, vlmkit's SDPA-based settings for an LLM that soft-caps its
     attention scores (Gemma 2): SDPA has no cap, and transformers, which refuses its own
     ``sdpa`` for such a model at load, would only say so at the first forward."""
-    text = llm_config.get_text_config() if hasattr(llm_config, "get_text_config") else llm_config
+    text = _text_config(llm_config)
     if llm_attn in ("auto", "varlen") and getattr(text, "attn_logit_softcapping", None):
         raise ConfigError(f"model.llm.attn_implementation: {llm_attn!r} computes attention with SDPA, which cannot "
                           f"soft-cap scores as this LLM ({text.model_type}) does; expected eager")
 
 
+def _text_config(llm_config):
+    return llm_config.get_text_config() if hasattr(llm_config, "get_text_config") else llm_config
+
+
 def _windowed_or_capped(llm_config) -> bool:
-    text = llm_config.get_text_config() if hasattr(llm_config, "get_text_config") else llm_config
+    text = _text_config(llm_config)
     window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
     return bool(window) or bool(getattr(text, "attn_logit_softcapping", None))
 
@@ -120,7 +130,7 @@ def auto_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """``llm.attn_implementation: auto``: the varlen kernel for packed rows where it exists and
     computes exactly what the model asks; SDPA with transformers' mask for everything else."""
-    exact = not dropout and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
+    exact = not dropout and all(kwargs.get(option) is None for option in KERNEL_LACKS)
     if kwargs.get("cu_seq_lens_q") is not None and exact and _kernel_available(query):
         return varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return _sdpa(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
@@ -152,7 +162,7 @@ def varlen_attention_forward(
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError("varlen attention: attention dropout is not supported")
-    for option in ("sliding_window", "softcap"):  # Mistral-style windows, Gemma 2's soft-capping
+    for option in KERNEL_LACKS:
         if kwargs.get(option) is not None:
             raise ValueError(f"varlen attention: this LLM uses {option}, which the varlen path does not "
                              "implement; train it with llm.attn_implementation sdpa or eager")
@@ -237,7 +247,11 @@ def _bucket_plan(bounds: tuple[int, ...], device: str) -> tuple[list[torch.Tenso
 
 
 def _kernel_available(q: torch.Tensor) -> bool:
-    return q.is_cuda and _torch_varlen() is not None
+    return _kernel_on(q.device)
+
+
+def _kernel_on(device) -> bool:
+    return torch.device(device).type == "cuda" and _torch_varlen() is not None
 
 
 @functools.cache

@@ -27,7 +27,12 @@ from vlmkit.models.cross_attention import (
     insert_cross_attention,
     media_index_from_ids,
 )
-from vlmkit.models.varlen_attention import check_attention_supported, hf_attn_implementation, packed_segments
+from vlmkit.models.varlen_attention import (
+    check_attention_supported,
+    hf_attn_implementation,
+    packed_segments,
+    wants_segments,
+)
 from vlmkit.models.vision import VisionEncoder, build_vision_encoder
 from vlmkit.train.losses import chunked_next_token_loss, next_token_loss
 
@@ -259,11 +264,6 @@ class VisionLanguageModel(nn.Module):
     @property
     def fuses_by_cross_attention(self) -> bool:
         return self.cross_attention is not None
-
-    @property
-    def uses_varlen_attention(self) -> bool:
-        """``llm.attn_implementation`` varlen or auto: packed rows get segment lengths too."""
-        return self.config.llm.attn_implementation in ("varlen", "auto")
 
     @property
     def tokens_per_image(self) -> int:
@@ -528,7 +528,7 @@ class VisionLanguageModel(nn.Module):
                               position_ids=position_ids_from_mask(attention_mask), use_cache=False)  # fmt: skip
         else:
             llm_inputs = dict(inputs_embeds=embeds, attention_mask=None, position_ids=position_ids, use_cache=False)
-            if self.uses_varlen_attention:  # the segments once per forward, not once per layer
+            if wants_segments(self.config.llm.attn_implementation, position_ids.device):  # once, not per layer
                 cu_seqlens, max_len = packed_segments(position_ids)
                 llm_inputs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
                                   max_length_q=max_len, max_length_k=max_len)  # fmt: skip

@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import logging
 import math
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
