@@ -151,14 +151,18 @@ def test_packed_varlen_refuses_sliding_windows_and_soft_capping():
 
 def test_bucketed_varlen_equals_the_per_segment_reference_values_and_gradients():
     """The CPU path groups segments of similar length (padded on the right) into one SDPA call
-    each; lengths here span several buckets, with grouped-query heads and one-token segments."""
+    each; lengths here span several buckets, with grouped-query heads and one-token segments.
+    Padded slots must not send gradient anywhere: a padded query attends to its segment's keys."""
     torch.manual_seed(0)
-    cu = torch.tensor([0, 5, 6, 30, 47, 50, 90, 91, 100])
-    q = torch.randn(100, 4, 8, requires_grad=True)
-    k = torch.randn(100, 2, 8, requires_grad=True)
-    v = torch.randn(100, 2, 8, requires_grad=True)
-    gathers, _ = varlen_attention._bucket_plan(tuple(cu.tolist()), "cpu")
-    assert 1 < len(gathers) < len(cu) - 1  # segments were grouped, and not all into one bucket
+    lengths = torch.tensor([5, 1, 24, 40, 3, 33, 20, 1, 31, 9])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    n = int(cu[-1])
+    q = torch.randn(n, 4, 8, requires_grad=True)
+    k = torch.randn(n, 2, 8, requires_grad=True)
+    v = torch.randn(n, 2, 8, requires_grad=True)
+    plan = varlen_attention._bucket_plan(tuple(cu.tolist()), "cpu")
+    assert 1 < len(plan.buckets) < len(cu) - 1  # segments were grouped, and not all into one bucket
+    assert plan.padding.numel() > 0  # and some buckets are padded
     fast = varlen_attention.bucketed_varlen(q, k, v, cu, scale=0.3)
     slow = reference_varlen(q, k, v, cu, scale=0.3)
     torch.testing.assert_close(fast, slow)

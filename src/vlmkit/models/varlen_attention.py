@@ -20,8 +20,8 @@ and ``max_length_q``, computed once per forward from the position ids, with pack
   dropout); everything else is SDPA with the mask transformers built, block-diagonal for packed
   rows. The issue's rule: the varlen kernel on a GPU, SDPA with a block-diagonal mask otherwise.
 * ``varlen``: packed rows always take a varlen path: the kernel on CUDA, elsewhere
-  ``bucketed_varlen`` (SDPA over groups of similar-length segments, as fast as the masked rows
-  on a CPU and without their rows x rows mask); an LLM with sliding windows or soft-capping is
+  ``bucketed_varlen`` (SDPA over groups of similar-length segments: on a CPU even with the
+  masked rows at short rows, and faster the longer the rows, bench/packed_attention.py); an LLM with sliding windows or soft-capping is
   refused rather than silently computed without them.
 
 Unpacked batches and generation with a KV cache are plain SDPA under both.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -201,20 +202,60 @@ def bucketed_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     go through SDPA's causal kernel together, a few calls per layer instead of one per segment.
 
     Right padding is safe under a causal mask: a real query never sees the padded keys after it,
-    and the padded queries' outputs are dropped. PyTorch has no CPU varlen kernel, hence this.
+    and the padded queries' outputs are dropped (and get no gradient). PyTorch has no CPU varlen
+    kernel, hence this.
     """
     n, h, d = q.shape
-    gathers, inverse = _bucket_plan(tuple(cu_seqlens.tolist()), str(q.device))
-    pad = lambda x: torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # noqa: E731  row n: the padding
-    qp, kp, vp = pad(q), pad(k), pad(v)
+    plan = _bucket_plan(tuple(cu_seqlens.tolist()), str(q.device))
     gqa = k.shape[1] != h
-    outs = []
-    for index in gathers:  # index: [segments, L], token positions (n on padding)
-        flat = index.reshape(-1)
-        qb, kb, vb = (x.index_select(0, flat).unflatten(0, index.shape).transpose(1, 2) for x in (qp, kp, vp))
+    # [P, H, D]: every bucket's [segments, longest] tokens, one bucket after the other
+    qp, kp, vp = (_ToBuckets.apply(x, plan.take, plan.inverse) for x in (q, k, v))
+    sizes = [segments * longest for segments, longest in plan.buckets]
+    outs = []  # split, not sliced: the backward of a split is one cat, of each slice a zero-filled copy
+    for (segments, longest), *qkv in zip(plan.buckets, *(x.split(sizes) for x in (qp, kp, vp))):
+        qb, kb, vb = (x.unflatten(0, (segments, longest)).transpose(1, 2) for x in qkv)  # views: [S, H, L, D]
         ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
         outs.append(ob.transpose(1, 2).reshape(-1, h, d))  # [S, H, L, D] -> [S * L, H, D]
-    return torch.cat(outs).index_select(0, inverse)  # back to stream order: [N, H, D]
+    return _FromBuckets.apply(torch.cat(outs), plan.inverse, plan.take, plan.padding)  # [N, H, D]
+
+
+class _BucketPlan(NamedTuple):
+    take: torch.Tensor  # [P]: the stream token at each bucket slot (token 0 on padding slots)
+    inverse: torch.Tensor  # [N]: each stream token's bucket slot
+    padding: torch.Tensor  # the padding slots
+    buckets: list[tuple[int, int]]  # (segments, longest segment) per bucket, in slot order
+
+
+class _ToBuckets(torch.autograd.Function):
+    """``x[take]``: stream tokens to bucket slots. Every token has exactly one slot, so the
+    gradient is a gather too (``grad[inverse]``), where autograd's ``index_select`` backward
+    would zero-fill and scatter-add (most of the time of this path, measured). Padding slots
+    read token 0: any finite value does, they are masked or dropped."""
+
+    @staticmethod
+    def forward(ctx, x, take, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, take)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _FromBuckets(torch.autograd.Function):
+    """``y[inverse]``: bucket slots back to the stream; padding slots get a zero gradient (a
+    padded query attends to its segment's keys, so any other value would reach them)."""
+
+    @staticmethod
+    def forward(ctx, y, inverse, take, padding):
+        ctx.save_for_backward(take, padding)
+        return y.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        take, padding = ctx.saved_tensors
+        return grad.index_select(0, take).index_fill_(0, padding, 0.0), None, None, None
 
 
 # A segment joins a bucket when it is at least this fraction of the bucket's longest one, so a
@@ -223,27 +264,32 @@ _BUCKET_FILL = 0.75
 
 
 @functools.lru_cache(maxsize=16)  # one plan per packed batch, reused by every layer
-def _bucket_plan(bounds: tuple[int, ...], device: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Gather indices per bucket ([segments, longest], the stream's length on padding) and, for
-    each token of the stream, its place in the buckets' concatenated outputs."""
+def _bucket_plan(bounds: tuple[int, ...], device: str) -> _BucketPlan:
+    """Which stream token goes to which bucket slot, and back."""
     n = bounds[-1]
     segments = sorted(zip(bounds[:-1], bounds[1:]), key=lambda se: (se[0] - se[1], se[0]))  # longest first
-    buckets: list[list[tuple[int, int]]] = []
+    groups: list[list[tuple[int, int]]] = []
     for start, end in segments:
-        if buckets and end - start >= _BUCKET_FILL * (buckets[-1][0][1] - buckets[-1][0][0]):
-            buckets[-1].append((start, end))
+        if groups and end - start >= _BUCKET_FILL * (groups[-1][0][1] - groups[-1][0][0]):
+            groups[-1].append((start, end))
         else:
-            buckets.append([(start, end)])
-    gathers, inverse, at = [], torch.empty(n, dtype=torch.long), 0
-    for bucket in buckets:
-        longest = bucket[0][1] - bucket[0][0]
-        index = torch.full((len(bucket), longest), n, dtype=torch.long)
-        for row, (start, end) in enumerate(bucket):
-            index[row, : end - start] = torch.arange(start, end)
+            groups.append([(start, end)])
+    takes, is_padding, buckets = [], [], []
+    inverse, at = torch.empty(n, dtype=torch.long), 0
+    for group in groups:
+        longest = group[0][1] - group[0][0]
+        take = torch.zeros(len(group), longest, dtype=torch.long)
+        real = torch.zeros(len(group), longest, dtype=torch.bool)
+        for row, (start, end) in enumerate(group):
+            take[row, : end - start] = torch.arange(start, end)
+            real[row, : end - start] = True
             inverse[start:end] = torch.arange(at + row * longest, at + row * longest + end - start)
-        at += len(bucket) * longest
-        gathers.append(index.to(device))
-    return gathers, inverse.to(device)
+        buckets.append((len(group), longest))
+        takes.append(take.flatten())
+        is_padding.append(~real.flatten())
+        at += len(group) * longest
+    padding = torch.nonzero(torch.cat(is_padding)).flatten()
+    return _BucketPlan(torch.cat(takes).to(device), inverse.to(device), padding.to(device), buckets)
 
 
 def _kernel_available(q: torch.Tensor) -> bool:
