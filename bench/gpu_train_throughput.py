@@ -97,14 +97,14 @@ def model_flops_per_step(model, rows: list[dict], batch: int) -> float:
     """FLOPs of one optimizer step, from the measured tokens (no padding) and the model's shapes."""
     llm_cfg = model.llm.config
     n_llm = sum(p.numel() for p in model.llm.parameters())  # embedding is tied to the head: counted once
-    n_vision = sum(p.numel() for p in model.vision.parameters())
+    n_vision = model.vision.parameters_run()  # the blocks after the feature layer do not run
     n_conn = sum(p.numel() for p in model.connector.parameters())
     tokens = (rows[-1]["tokens_seen"] - rows[0]["tokens_seen"]) / max(len(rows) - 1, 1)  # per step
     ctx = tokens / batch  # mean sequence length
     attn_llm = 12 * llm_cfg.num_hidden_layers * llm_cfg.hidden_size * ctx / 2  # causal
     patches = model.tokens_per_image
     vcfg = model.vision.hf_config
-    attn_vis = 12 * vcfg.num_hidden_layers * vcfg.hidden_size * patches
+    attn_vis = 12 * (model.vision.blocks_run or vcfg.num_hidden_layers) * vcfg.hidden_size * patches
     return tokens * (6 * n_llm + attn_llm) + batch * patches * (6 * n_vision + attn_vis) + batch * patches * 6 * n_conn
 
 

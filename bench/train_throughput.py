@@ -72,8 +72,10 @@ so the FLOPs per step are the same for the three variants:
                + 6 * N_connector * images * tokens_per_image
                + 6 * N_vision * images * vision_seq        (the vision tower per image patch:
                                                             vision_seq = patches + CLS = 17 at the
-                                                            defaults; all its parameters, though the
-                                                            last block runs forward only)
+                                                            defaults; the parameters of the blocks
+                                                            it runs: vlmkit stops after the feature
+                                                            layer, -2, where hf-llava also runs the
+                                                            last block, forward only)
     MFU = FLOPs/step / step_s / peak
 
 The peak on CPU is measured in the same run, before and after the variants: the best rate of
@@ -299,9 +301,10 @@ def prepare(args, work: Path) -> dict:
 
 
 def param_counts(model) -> dict:
-    """Parameters of each part (the LLM's tied embedding counted once)."""
+    """Parameters of each part (the LLM's tied embedding counted once; of the vision tower, those
+    its forward uses: not the blocks after the feature layer)."""
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"vision": count(model.vision), "connector": count(model.connector), "llm": count(model.llm)}
+    return {"vision": model.vision.parameters_run(), "connector": count(model.connector), "llm": count(model.llm)}
 
 
 # ---------------------------------------------------------------------- one variant (child process)

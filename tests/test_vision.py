@@ -253,6 +253,61 @@ def test_encoder_family_from_dir_tokens_layers_and_stats(tmp_path, kind):
     assert not torch.allclose(out[..., :32], out[..., 64:])  # the layers really differ
 
 
+def _block_list(model):
+    return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == VIT["num_hidden_layers"])
+
+
+@pytest.mark.parametrize("kind", ["clip_vision", "siglip", "siglip2", "dinov2", "dinov2_registers"])
+def test_blocks_after_the_deepest_feature_layer_do_not_run(tmp_path, kind):
+    """LLaVA's second-to-last layer needs every block but the last: the last is not run (nor
+    gets a gradient), and the model's block list and state dict are as they were."""
+    torch.manual_seed(0)
+    hf, _, _ = _family_model(kind)
+    hf.save_pretrained(tmp_path)
+    enc = build_vision_encoder(VisionConfig(name=str(tmp_path), image_size=32, feature_layer=-2))
+    blocks = _block_list(enc.model)
+    keys = list(enc.state_dict())
+    ran = []
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda module, args, out, i=i: ran.append(i))
+    enc(_pixels()).sum().backward()
+    assert ran == [0, 1]
+    assert all(p.grad is not None for p in blocks[1].parameters())
+    assert all(p.grad is None for p in blocks[2].parameters())
+    assert _block_list(enc.model) is blocks and list(enc.state_dict()) == keys
+    assert enc.blocks_run == 2
+    unused = sum(p.numel() for p in blocks[2].parameters())
+    assert enc.parameters_run() == sum(p.numel() for p in enc.parameters()) - unused > 0
+
+    ran.clear()
+    enc = build_vision_encoder(VisionConfig(name=str(tmp_path), image_size=32, feature_layer=[1, -1]))
+    for i, block in enumerate(_block_list(enc.model)):
+        block.register_forward_hook(lambda module, args, out, i=i: ran.append(i))
+    enc(_pixels())
+    assert ran == [0, 1, 2]  # the last layer is read: every block runs
+    assert enc.blocks_run == 3 and enc.parameters_run() == sum(p.numel() for p in enc.parameters())
+
+
+def test_a_compiled_encoder_that_skips_blocks_compiles_once():
+    """A compiled tower (``train.compile``) is not recompiled at each call although its block
+    list is swapped for a shorter one at each call."""
+    import torch._dynamo
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    enc = build_vision_encoder(VisionConfig(name="tiny-vit", image_size=64))  # feature layer -2
+    enc.model.compile(backend=counting_backend, dynamic=True)
+    for n in (2, 3, 2, 5):
+        enc(torch.randn(n, 3, 64, 64))
+    assert 1 <= len(graphs) <= 2  # 2: dynamo may first specialise, then go dynamic
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------- feature-layer lists
 
 

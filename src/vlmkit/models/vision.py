@@ -172,6 +172,9 @@ class VisionEncoder(nn.Module):
                         f"(indices {-n_layers} .. {n_layers - 1})"
                     )
         self.key = key
+        # the deepest hidden state read: blocks after it are skipped (``_only_blocks_read``)
+        self._resolved_layers = tuple(i % n_layers for i in self.feature_layers) if n_layers else self.feature_layers
+        self._blocks_at = _block_list_path(model, self.hf_config) if self.spec.kind != "cnn" else None
         self._measure()
 
     def _measure(self) -> None:
@@ -182,7 +185,7 @@ class VisionEncoder(nn.Module):
                 probe = self._hidden_states(
                     torch.zeros(1, 3, self.image_size, self.image_size, dtype=self._dtype())
                 )
-            shapes = [tuple(probe[i].shape[2:]) for i in self.feature_layers]
+            shapes = [tuple(probe[i].shape[2:]) for i in self._resolved_layers]
             if len(set(shapes)) > 1:
                 described = ", ".join(f"{i}: {h}x{w}" for i, (h, w) in zip(self.feature_layers, shapes))
                 raise ValueError(
@@ -191,7 +194,7 @@ class VisionEncoder(nn.Module):
                     "pick layers of one resolution or a single layer"
                 )
             self.num_tokens = int(shapes[0][0] * shapes[0][1])
-            self.hidden_size = int(sum(probe[i].shape[1] for i in self.feature_layers))
+            self.hidden_size = int(sum(probe[i].shape[1] for i in self._resolved_layers))
         else:
             patch = int(self.hf_config.patch_size)
             if self.image_size % patch:
@@ -231,8 +234,51 @@ class VisionEncoder(nn.Module):
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())
 
+    @property
+    def blocks_run(self) -> int | None:
+        """How many transformer blocks a forward runs (None: a CNN, or no block list found)."""
+        if self._blocks_at is None:
+            return None
+        parent, name = self._blocks_at
+        return min(len(getattr(parent, name)), max(self._resolved_layers))
+
+    def parameters_run(self) -> int:
+        """Parameters a forward uses: all but those of the blocks it skips (FLOPs accounting)."""
+        total = sum(p.numel() for p in self.parameters())
+        if self._blocks_at is None:
+            return total
+        parent, name = self._blocks_at
+        skipped = list(getattr(parent, name))[self.blocks_run :]
+        return total - sum(p.numel() for block in skipped for p in block.parameters())
+
+    @contextmanager
+    def _only_blocks_read(self):
+        """Run only the transformer blocks up to the deepest feature layer: LLaVA's default,
+        the second-to-last layer, leaves the last block's forward unused (timm's
+        ``forward_intermediates(stop_early=True)`` does the same; transformers has no such
+        option). The HF model's block list is swapped for its first blocks during the call and
+        restored after; ``hidden_states[i]`` for ``i`` up to that depth are unchanged (tested)."""
+        if self._blocks_at is None:
+            yield
+            return
+        parent, name = self._blocks_at
+        blocks = getattr(parent, name)
+        needed = max(self._resolved_layers)
+        if needed >= len(blocks):
+            yield
+            return
+        setattr(parent, name, nn.ModuleList(list(blocks)[:needed]))
+        try:
+            yield
+        finally:
+            setattr(parent, name, blocks)
+
     def _hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Every hidden state of the HF model, as they come out."""
+        """The HF model's hidden states up to the deepest feature layer, as they come out."""
+        with self._only_blocks_read():
+            return self._run_model(pixel_values)
+
+    def _run_model(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kwargs: dict[str, Any] = {"output_hidden_states": True}
         if self.spec.kind == "naflex":
             n, c, h, w = pixel_values.shape
@@ -255,10 +301,10 @@ class VisionEncoder(nn.Module):
     def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``hidden_states[feature_layer]`` of the HF model (several: concatenated channel-wise)."""
         states = self._hidden_states(pixel_values)
-        if len(self.feature_layers) == 1:
-            return states[self.feature_layers[0]]
+        if len(self._resolved_layers) == 1:
+            return states[self._resolved_layers[0]]
         channel_dim = 1 if self.spec.kind == "cnn" else -1  # CNN: [N, C, H, W]; ViT: [N, T, C]
-        return torch.cat([states[i] for i in self.feature_layers], dim=channel_dim)
+        return torch.cat([states[i] for i in self._resolved_layers], dim=channel_dim)
 
     # ------------------------------------------------------------------ forward
 
@@ -282,6 +328,19 @@ class VisionEncoder(nn.Module):
         if self.spec.kind == "cnn":
             return h.flatten(2).transpose(1, 2)  # [N, C, H, W] -> [N, H*W, C], row-major grid
         return h[:, self.n_prefix :]
+
+
+def _block_list_path(model: nn.Module, hf_config: PretrainedConfig) -> tuple[nn.Module, str] | None:
+    """(parent module, attribute) of the HF model's list of transformer blocks: the one
+    ``nn.ModuleList`` of ``num_hidden_layers`` modules (found by structure, as its attribute path
+    differs between families and transformers releases); None if there is not exactly one."""
+    n_blocks = getattr(hf_config, "num_hidden_layers", None)
+    found = [name for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) == n_blocks]  # fmt: skip
+    if len(found) != 1:
+        return None
+    parent, _, name = found[0].rpartition(".")
+    return model.get_submodule(parent), name
 
 
 def resize_token_grid(features: torch.Tensor, side: int) -> torch.Tensor:
@@ -358,6 +417,10 @@ class FusedVisionEncoder(nn.Module):
     def encoders(self) -> list[VisionEncoder]:
         """The main encoder, then the further ones, in output-channel order."""
         return [self.main, *self.fused]
+
+    def parameters_run(self) -> int:
+        """Parameters a forward uses, every encoder's (``VisionEncoder.parameters_run``)."""
+        return sum(enc.parameters_run() for enc in self.encoders)
 
     @property
     def families(self) -> list[str]:
