@@ -10,7 +10,8 @@
 # the varlen kernel with torch.compile per block, and SDPA with the block-diagonal mask; and on
 # request (RUNS="auto-compiled ...") the default setting, attn_implementation auto, compiled,
 # which should reach the same kernel. Each writes OUT/<name>.json (the benchmark's last line)
-# and OUT/<name>.log.
+# and OUT/<name>.log. GRAD_ACCUM=A steps the optimizer after every A-th batch (WARMUP and STEPS
+# count batches and must be multiples of A), as a run with a realistic global batch does.
 set -u
 OUT=${OUT:-runs/gpu-mfu}
 mkdir -p "$OUT"
@@ -29,7 +30,7 @@ PYEOF
 COMMON=(--device cuda --work "${WORK:-/tmp/gpu-mfu}" --vision-type siglip --image-size 224 --vision-patch 16
         --vision-hidden 768 --vision-layers 12 --llm-hidden 2048 --llm-layers 16 --llm-heads 32 --llm-kv-heads 8
         --llm-intermediate 8192 --max-len 1024 --pack-tokens 4096 --batch "${BATCH:-48}" --warmup "${WARMUP:-4}"
-        --steps "${STEPS:-12}" --world-train 400 --threads 16 --variants vlmkit-packed --skip-alone --reuse-prepared)
+        --steps "${STEPS:-12}" --grad-accum "${GRAD_ACCUM:-1}" --world-train 400 --threads 16 --variants vlmkit-packed --skip-alone --reuse-prepared)
 run() {  # name, seconds, extra options
     local name=$1 secs=$2; shift 2
     echo "== $name"

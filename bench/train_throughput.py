@@ -1,6 +1,6 @@
 """Training throughput of vlmkit (packed and unpacked rows) against Hugging Face LLaVA.
 
-    python bench/train_throughput.py [--batch 16] [--steps 40] [--warmup 3] [--pack-tokens 256]
+    python bench/train_throughput.py [--batch 16] [--steps 40] [--warmup 3] [--grad-accum 1] [--pack-tokens 256]
         [--llm-hidden 256] [--llm-layers 4] [--vision-patch 16] [--threads N]
         [--device cpu|cuda] [--json-out docs/data/train_throughput_cpu.json]
         [--vision-type vit|siglip] [--llm-kv-heads K] [--attn auto|sdpa|varlen] [--compile]
@@ -57,7 +57,11 @@ Timing, fair to every variant: all three train in one fresh process, step by ste
 order (step k: a b c, then b c a, c a b, ...), so that busy moments of a shared machine fall on
 all of them alike; the same thread count (``torch.set_num_threads``) and seed. ``--warmup``
 steps are left out, then ``--steps`` steps are timed, each from the forward to the end of
-``optimizer.step()`` and ``zero_grad`` (the split is ``forward_backward_optimizer_s``). Then
+``optimizer.step()`` and ``zero_grad`` (the split is ``forward_backward_optimizer_s``). With
+``--grad-accum A`` (every variant alike) the optimizer steps after every A-th batch, each
+batch's loss divided by A, so its cost is shared by A batches as in a run that accumulates;
+``step_s`` stays per batch, and ``step_s_median`` is the median optimizer step's time over A
+(also without accumulation, the median step; ``mfu_at_median_step`` uses it). Then
 each variant runs once more alone in a fresh process for its peak memory (and its throughput
 alone, ``alone_samples_per_s``): on CPU the process's ``ru_maxrss`` (interpreter, data, model
 and optimizer included; ``rss_before_train_mib`` is the part before the first step), on CUDA
@@ -117,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="samples per step, every variant")
     p.add_argument("--steps", type=int, default=40, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches (of --batch samples) per optimizer step, every variant; --steps and "
+                        "--warmup count micro-batches and must be multiples of it")
     p.add_argument("--pack-tokens", type=int, default=256, help="row budget of vlmkit-packed (>= --max-len)")
     p.add_argument("--max-len", type=int, default=None,
                    help="encoder limit, longer samples are skipped; default: the instruct stage's max_seq_len (192)")
@@ -157,6 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.llm_intermediate = 3 * args.llm_hidden
     if args.llm_kv_heads is None:
         args.llm_kv_heads = args.llm_heads
+    if args.grad_accum < 1 or args.steps % args.grad_accum or args.warmup % args.grad_accum:
+        p.error(f"--steps {args.steps} and --warmup {args.warmup} must be multiples of --grad-accum {args.grad_accum}")
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
@@ -435,7 +444,8 @@ class Variant:
         return fused_adamw_supported([{"params": list(self.model.parameters())}])
 
     def step(self, k: int) -> None:
-        """Forward, backward and optimizer step on batch ``k``, timed (the copy to the device is not)."""
+        """Forward and backward on batch ``k``, and the optimizer step after every
+        ``--grad-accum``-th batch, timed (the copy to the device is not)."""
         import contextlib
 
         import torch
@@ -446,15 +456,17 @@ class Variant:
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
         t0 = time.perf_counter()
+        accum = self.args.grad_accum
         with autocast:
             loss = self.forward(batch)
         sync()
         t1 = time.perf_counter()
-        loss.backward()
+        (loss / accum if accum > 1 else loss).backward()
         sync()
         t2 = time.perf_counter()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if (k + 1) % accum == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         sync()
         t3 = time.perf_counter()
         self.times.append(t3 - t0)
@@ -463,12 +475,14 @@ class Variant:
 
     def summary(self) -> dict:
         """Throughput over the steps after the warm-up."""
-        w = self.args.warmup
+        w, accum = self.args.warmup, self.args.grad_accum
         times = self.times[w:]
         secs, n = sum(times), len(times)
+        # the median optimizer step (accum micro-batches), per micro-batch
+        per_update = sorted(sum(times[i : i + accum]) / accum for i in range(0, n, accum))
         tot = {key: sum(c[key] for c in self.counts[w:]) for key in self.counts[0]}
-        return {"steps_timed": n, "batch": self.args.batch, "step_s": round(secs / n, 4),
-                "step_s_median": round(sorted(times)[n // 2], 4),
+        return {"steps_timed": n, "batch": self.args.batch, "grad_accum": accum, "step_s": round(secs / n, 4),
+                "step_s_median": round(per_update[len(per_update) // 2], 4),
                 "forward_backward_optimizer_s": [round(sum(p[i] for p in self.phases[w:]) / n, 4) for i in range(3)],
                 "samples_per_s": round(self.args.batch * n / secs, 2),
                 "target_tokens_per_s": round(tot["targets"] / secs, 1),
@@ -549,6 +563,7 @@ def with_mfu(row: dict, params: dict, peak: float) -> dict:
     row["model_gflops_per_step"] = round(flops / 1e9, 2)
     row["achieved_gflops_per_s"] = round(flops / row["step_s"] / 1e9, 2)
     row["mfu"] = round(flops / row["step_s"] / peak, 4)
+    row["mfu_at_median_step"] = round(flops / row["step_s_median"] / peak, 4)
     return row
 
 
