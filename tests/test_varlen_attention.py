@@ -220,6 +220,25 @@ def test_packed_attention_is_named_for_the_logs(monkeypatch):
     assert "block-diagonal mask" in packed_attention("auto", torch.device("cuda"), windowed)
 
 
+def test_long_masked_rows_without_the_kernel_get_a_hint(monkeypatch):
+    """The stage log suggests ``varlen`` where the masked rows are long and no kernel exists,
+    and stays quiet where the advice would be wrong (the kernel, short rows, sliding windows)."""
+    from transformers import MistralConfig
+
+    from vlmkit.models.varlen_attention import packed_attention_hint
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "varlen" in packed_attention_hint("auto", cpu, 1024)
+    assert "varlen" in packed_attention_hint("sdpa", cpu, 512)
+    assert packed_attention_hint("auto", cpu, 256) is None
+    assert packed_attention_hint("varlen", cpu, 1024) is None
+    assert packed_attention_hint("eager", cpu, 1024) is None
+    assert packed_attention_hint("auto", cpu, 1024, MistralConfig(sliding_window=16)) is None
+    monkeypatch.setattr(varlen_attention, "_torch_varlen", lambda: (None, frozenset()))
+    assert packed_attention_hint("auto", cuda, 4096) is None  # auto takes the kernel there
+    assert "varlen" in packed_attention_hint("sdpa", cuda, 4096)
+
+
 def test_segments_are_computed_only_where_they_are_read(monkeypatch):
     """``auto`` on a CPU attends packed rows through the mask, so its forward skips
     ``packed_segments`` (a host sync); ``varlen`` always reads them, and so does ``auto`` where

@@ -79,6 +79,24 @@ def packed_attention(llm_attn: str, device: torch.device, llm_config=None) -> st
     return f"{'SDPA' if llm_attn != 'eager' else 'eager attention'} with a block-diagonal mask"
 
 
+# From this row budget on, SDPA's masked rows cost clearly more than bucketed_varlen on a CPU
+# (bench/packed_attention.py on 2 cores: 1.3-1.5x at 512 tokens, 2.6-3.2x at 1,024; even at 256).
+_LONG_ROWS_ON_CPU = 512
+
+
+def packed_attention_hint(llm_attn: str, device: torch.device, row_tokens: int, llm_config=None) -> str | None:
+    """Advice for the stage log when long packed rows will be masked, by ``sdpa`` anywhere or by
+    ``auto`` without the varlen kernel, where ``varlen`` would be faster (on an H100 2.7x at
+    4,096 tokens, docs/benchmarks.md); None otherwise."""
+    windowed = llm_config is not None and _windowed_or_capped(llm_config)
+    masked = llm_attn == "sdpa" or (llm_attn == "auto" and not _kernel_on(device))
+    if not masked or windowed or row_tokens < _LONG_ROWS_ON_CPU:
+        return None
+    return (f"rows of up to {row_tokens} tokens are masked densely (rows x width^2); "
+            "model.llm.attn_implementation: varlen computes each sample's attention alone and is faster "
+            "here (bench/packed_attention.py)")
+
+
 def wants_segments(llm_attn: str, device: torch.device) -> bool:
     """Whether a packed forward should compute ``cu_seqlens`` (``packed_segments``, a host sync)
     for its attention: ``varlen`` always, ``auto`` only where the kernel can read them."""

@@ -41,7 +41,7 @@ from vlmkit.data.bad_samples import BadSampleError, BadSampleLog, TooManyBadSamp
 from vlmkit.data.mixture import MixtureSampler
 from vlmkit.train.checkpoints import SHARDED_OPTIMIZER_DIR, STATE_DIR, CheckpointManager
 from vlmkit.models.lora import add_lora, has_lora, merge_lora
-from vlmkit.models.varlen_attention import packed_attention
+from vlmkit.models.varlen_attention import packed_attention, packed_attention_hint
 from vlmkit.train.objectives import make_objective
 from vlmkit.train.parallel import DistEnv, Parallel, barrier, broadcast_object, check_stage
 from vlmkit.train.stages import build_optimizer
@@ -430,6 +430,10 @@ def train_stages(
         if stages[i].packing is not None and getattr(model, "config", None) is not None:
             llm = model.config.llm
             log.info("packed rows: %s", packed_attention(llm.attn_implementation, ctx.device, model.llm.config))
+            hint = packed_attention_hint(llm.attn_implementation, ctx.device, stages[i].packing.tokens,
+                                         model.llm.config)  # fmt: skip
+            if hint:
+                log.info("packed rows: %s", hint)
         trainer.run()
         del trainer  # a DDP wrapper's gradient hooks must go before the next stage wraps again
         gc.collect()
