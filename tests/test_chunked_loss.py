@@ -114,3 +114,63 @@ def test_activation_checkpointing_recomputes_in_backward():
     assert len(calls) == 1
     out.loss_sum.backward()
     assert len(calls) == 2  # the layer ran again in the backward pass
+
+
+def test_auto_chunks_large_vocabularies_only():
+    from vlmkit.train.losses import AUTO_CHUNK_MIN_VOCAB, AUTO_CHUNK_TOKENS, resolve_loss_chunk
+
+    assert AUTO_CHUNK_MIN_VOCAB <= 49_152  # SmolLM2's vocabulary is chunked by default
+    assert resolve_loss_chunk("auto", 49_152) == AUTO_CHUNK_TOKENS
+    assert resolve_loss_chunk("auto", 540) is None  # the shapes world's tokenizer: full logits
+    assert resolve_loss_chunk("auto", None) is None  # no LM head (a dual encoder)
+    assert resolve_loss_chunk(7, 540) == 7 and resolve_loss_chunk(None, 151_936) is None
+
+
+def test_a_large_vocabulary_stage_computes_its_loss_in_chunks_by_default(monkeypatch):
+    """The default ``loss_chunk_tokens: auto``: a 40k-entry vocabulary gets the chunked loss,
+    the tiny one the full logits; a stage can still turn it off."""
+    from vlmkit.config import StageConfig
+    from vlmkit.train import objectives
+    from vlmkit.train.losses import AUTO_CHUNK_TOKENS
+
+    tok = tiny_tokenizer()
+
+    def model_with_vocab(vocab):
+        cfg = ModelConfig.model_validate({"vision": {"name": "tiny-cnn", "image_size": 32},
+                                          "llm": {"name": "tiny-llama", "overrides": {
+                                              "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+                                              "vocab_size": vocab}}})  # fmt: skip
+        return VisionLanguageModel.from_config(cfg, tok)
+
+    stage = StageConfig.model_validate({"name": "s", "data": {"x": 1.0}, "trainable": ["llm"], "lr": 1e-3, "steps": 1})
+    assert stage.loss_chunk_tokens == "auto"
+    big = objectives.make_objective(stage, model_with_vocab(40_000), run_dir=".")
+    assert big.chunk == {"loss_chunk_tokens": AUTO_CHUNK_TOKENS}
+    small = objectives.make_objective(stage, model_with_vocab(len(tok)), run_dir=".")
+    assert small.chunk == {}
+    off = stage.model_copy(update={"loss_chunk_tokens": None})
+    assert objectives.make_objective(off, model_with_vocab(40_000), run_dir=".").chunk == {}
+
+
+def test_chunked_loss_soft_caps_the_logits_as_gemma2_does(tmp_path):
+    """Gemma 2 soft-caps its final logits (cap * tanh(logits / cap)): the chunked loss applies the
+    same cap, so it equals the loss from the LM's own capped logits."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    tok = tiny_tokenizer()
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                       final_logit_softcapping=0.05)  # fmt: skip  below the random logits: it changes the loss
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").save_pretrained(tmp_path / "gemma2")
+    model_cfg = ModelConfig.model_validate({"vision": {"name": "tiny-cnn", "image_size": 32},
+                                            "llm": {"name": str(tmp_path / "gemma2"), "attn_implementation": "eager"}})  # fmt: skip
+    model = VisionLanguageModel.from_config(model_cfg, tok).eval()
+    ids, mask = left_pad([[6, 7, 8, 9, 10, 11], [12, 13, 14]])
+    labels = ids.masked_fill(mask == 0, -100)
+    full = model(ids, mask, None, labels)
+    chunked = model(ids, mask, None, labels, loss_chunk_tokens=3)
+    torch.testing.assert_close(chunked.loss_sum, full.loss_sum, rtol=1e-6, atol=1e-5)
+    uncapped, _ = next_token_loss(model.llm.get_output_embeddings()(
+        model.llm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state), labels)  # fmt: skip
+    assert abs(float(uncapped.detach()) - float(full.loss_sum.detach())) > 0.1  # the cap matters here

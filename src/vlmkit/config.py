@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -300,8 +300,10 @@ class StageConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)
     max_seq_len: int = Field(256, gt=0)
     # next_token: compute the loss from the hidden states this many target positions at a time,
-    # never holding the whole logits tensor (None: the LM's own full logits)
-    loss_chunk_tokens: int | None = Field(None, gt=0)
+    # never holding the whole logits tensor; "auto": 1024 at a time for an LLM of 32k or more
+    # vocabulary entries (where the logits are a step's largest activation), full logits below
+    # (train.losses.resolve_loss_chunk); null: always the LM's own full logits
+    loss_chunk_tokens: Annotated[int, Field(gt=0)] | Literal["auto"] | None = "auto"
     packing: PackingConfig | None = None  # next_token stages: pack the micro-batch's samples into rows
     # under torchrun: DistributedDataParallel, or FSDP2 (fully_shard); every stage of a run the same
     strategy: Literal["ddp", "fsdp"] = "ddp"

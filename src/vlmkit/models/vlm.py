@@ -533,13 +533,11 @@ class VisionLanguageModel(nn.Module):
                 llm_inputs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
                                   max_length_q=max_len, max_length_k=max_len)  # fmt: skip
         if loss_chunk_tokens is not None and labels is not None:
-            text_cfg = self.llm.config.get_text_config()
-            if getattr(text_cfg, "final_logit_softcapping", None):
-                raise ValueError("loss_chunk_tokens: this LLM soft-caps its logits; train it without chunking")
+            softcap = getattr(self.llm.config.get_text_config(), "final_logit_softcapping", None)
             with self.reading_images(input_ids, pixel_values):
                 hidden = self.llm.get_decoder()(**llm_inputs).last_hidden_state
             loss_sum, n_targets = chunked_next_token_loss(hidden, labels, self.llm.get_output_embeddings(),
-                                                          loss_chunk_tokens)  # fmt: skip
+                                                          loss_chunk_tokens, softcap)  # fmt: skip
             return VLMOutput(logits=None, loss_sum=loss_sum, n_targets=n_targets)
         with self.reading_images(input_ids, pixel_values):
             out = self.llm(**llm_inputs)

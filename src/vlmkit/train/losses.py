@@ -63,12 +63,33 @@ def dpo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def _chunk_ce_sum(hidden: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), target, reduction="sum")
+# loss_chunk_tokens: "auto" chunks the loss of LLMs with at least this many vocabulary entries
+# (every current LLM: SmolLM2 49k, Llama 3 128k, Qwen2.5 152k, Gemma 256k), this many target
+# positions at a time: bench/chunked_loss_memory.py measured 1024 at a third of the full logits'
+# memory and no slower, at SmolLM2's vocabulary. Small vocabularies (the shapes world's ~500
+# entries) keep the full logits: they are small, and the recorded demo figures stay exact.
+AUTO_CHUNK_MIN_VOCAB = 32_768
+AUTO_CHUNK_TOKENS = 1024
+
+
+def resolve_loss_chunk(setting: int | str | None, vocab_size: int | None) -> int | None:
+    """Target positions per loss chunk for a stage's ``loss_chunk_tokens`` (None: full logits)."""
+    if setting != "auto":
+        return setting
+    return AUTO_CHUNK_TOKENS if vocab_size is not None and vocab_size >= AUTO_CHUNK_MIN_VOCAB else None
+
+
+def _chunk_ce_sum(hidden: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  softcap: float | None = None):  # fmt: skip
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap:  # Gemma 2's final soft-capping, as its LM applies it to the logits
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, target, reduction="sum")
 
 
 def chunked_next_token_loss(
-    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``next_token_loss`` from the LM's last hidden states ``[B, T, D]``, never holding the logits
     of more than ``chunk_tokens`` positions: only target positions go through the LM head, a
@@ -92,7 +113,7 @@ def chunked_next_token_loss(
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, target.shape[0], chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        loss_sum = loss_sum + checkpoint(_chunk_ce_sum, h[part], target[part], head.weight, head.bias,
+        loss_sum = loss_sum + checkpoint(_chunk_ce_sum, h[part], target[part], head.weight, head.bias, softcap,
                                          use_reentrant=False)  # fmt: skip
     if target.shape[0] == 0:  # no target: still a (zero) function of the head, so that data-parallel
         loss_sum = loss_sum + (head.weight.sum() + hidden.sum()) * 0.0  # reduction sees every parameter used

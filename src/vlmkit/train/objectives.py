@@ -27,7 +27,7 @@ from vlmkit.config import ConfigError, StageConfig
 from vlmkit.data.bad_samples import TooManyBadSamples
 from vlmkit.data.packing import pack_collate
 from vlmkit.data.template import Encoded
-from vlmkit.train.losses import dpo_loss, sequence_logprobs
+from vlmkit.train.losses import dpo_loss, resolve_loss_chunk, sequence_logprobs
 
 IGNORE_INDEX = -100
 
@@ -229,6 +229,13 @@ def frozen_reference(model: nn.Module, path: Path, write: bool = True) -> nn.Mod
     return reference.eval()
 
 
+def _lm_head_rows(model: nn.Module) -> int | None:
+    """The vocabulary size of the model's LM head (None: the model has no HF causal LM)."""
+    get_head = getattr(getattr(model, "llm", None), "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    return int(head.weight.shape[0]) if head is not None else None
+
+
 def make_objective(stage: StageConfig, model: nn.Module, run_dir: Path, write_reference: bool = True):
     if stage.objective == "contrastive":
         return ContrastiveObjective(model.config.loss)
@@ -238,7 +245,8 @@ def make_objective(stage: StageConfig, model: nn.Module, run_dir: Path, write_re
                               "(a sample's text would read the images of the samples before it in the row)")
         config = getattr(model, "config", None)
         flash = getattr(getattr(config, "llm", None), "attn_implementation", None) == "flash_attention_2"
-        return NextTokenObjective(stage.loss_chunk_tokens, stage.packing, one_row=flash)
+        chunk = resolve_loss_chunk(stage.loss_chunk_tokens, _lm_head_rows(model))
+        return NextTokenObjective(chunk, stage.packing, one_row=flash)
     reference = None
     if not stage.dpo.reference_free:
         reference = frozen_reference(model, Path(run_dir) / f"reference-{stage.name}.safetensors", write_reference)
