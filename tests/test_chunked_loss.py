@@ -174,3 +174,16 @@ def test_chunked_loss_soft_caps_the_logits_as_gemma2_does(tmp_path):
     uncapped, _ = next_token_loss(model.llm.get_output_embeddings()(
         model.llm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state), labels)  # fmt: skip
     assert abs(float(uncapped.detach()) - float(full.loss_sum.detach())) > 0.1  # the cap matters here
+
+
+def test_a_row_without_targets_still_reaches_the_head_and_the_states():
+    """A data-parallel rank can be left with a placeholder row and no target: its loss is zero
+    but still a function of the head and the hidden states, so that every parameter gets a
+    (zero) gradient and the gradient reduction sees the same parameters on every rank."""
+    hidden = torch.randn(1, 4, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 5)
+    loss_sum, n = chunked_next_token_loss(hidden, torch.full((1, 4), -100), head, 2)
+    loss_sum.backward()
+    assert int(n) == 0 and float(loss_sum.detach()) == 0.0
+    assert hidden.grad is not None and head.weight.grad is not None
+    assert not hidden.grad.any() and not head.weight.grad.any()
