@@ -21,8 +21,8 @@ and ``max_length_q``, computed once per forward from the position ids, with pack
   rows. The issue's rule: the varlen kernel on a GPU, SDPA with a block-diagonal mask otherwise.
 * ``varlen``: packed rows always take a varlen path: the kernel on CUDA, elsewhere
   ``bucketed_varlen`` (SDPA over groups of similar-length segments: on a CPU even with the
-  masked rows at short rows, and faster the longer the rows, bench/packed_attention.py); an LLM with sliding windows or soft-capping is
-  refused rather than silently computed without them.
+  masked rows at short rows, and faster the longer the rows, bench/packed_attention.py); an
+  LLM with sliding windows or soft-capping is refused rather than silently computed without them.
 
 Unpacked batches and generation with a KV cache are plain SDPA under both.
 
@@ -223,7 +223,7 @@ def bucketed_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     and the padded queries' outputs are dropped (and get no gradient). PyTorch has no CPU varlen
     kernel, hence this.
     """
-    n, h, d = q.shape
+    h, d = q.shape[1:]
     plan = _bucket_plan(tuple(cu_seqlens.tolist()), str(q.device))
     gqa = k.shape[1] != h
     # [P, H, D]: every bucket's [segments, longest] tokens, one bucket after the other

@@ -258,16 +258,16 @@ class VisionEncoder(nn.Module):
         ``forward_intermediates(stop_early=True)`` does the same; transformers has no such
         option). The HF model's block list is swapped for its first blocks during the call and
         restored after; ``hidden_states[i]`` for ``i`` up to that depth are unchanged (tested)."""
-        if self._blocks_at is None:
+        keep = self.blocks_run
+        if keep is None:
             yield
             return
         parent, name = self._blocks_at
         blocks = getattr(parent, name)
-        needed = max(self._resolved_layers)
-        if needed >= len(blocks):
+        if keep == len(blocks):
             yield
             return
-        setattr(parent, name, nn.ModuleList(list(blocks)[:needed]))
+        setattr(parent, name, nn.ModuleList(list(blocks)[:keep]))
         try:
             yield
         finally:
